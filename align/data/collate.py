@@ -1,0 +1,48 @@
+"""Batch tokenized groups (one prompt, K completions) into one concatenated forward batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from trl.trainer.utils import pad
+
+
+def concat_rows(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int) -> dict:
+    """Right-padded ``prompt + completion`` rows with attention and completion masks (row r uses
+    ``prompt_ids[r]``)."""
+    seqs = [torch.tensor(p + c, dtype=torch.long) for p, c in zip(prompt_ids, completion_ids)]
+    comp = [torch.tensor([0] * len(p) + [1] * len(c), dtype=torch.long) for p, c in zip(prompt_ids, completion_ids)]
+    return {
+        "input_ids": pad(seqs, padding_value=pad_token_id),
+        "attention_mask": pad([torch.ones_like(s) for s in seqs], padding_value=0),
+        "completion_mask": pad(comp, padding_value=0),
+    }
+
+
+@dataclass
+class GroupCollator:
+    """Rows are group-major: completion j of prompt b is row ``b * K + j`` (for pairs: chosen, rejected).
+
+    Returns the forward batch plus ``scores`` (B, K) and the optional per-prompt columns
+    (``strength_mean``, ``strength_std``, ``ref_logps``) when every example has them. Prompt-only
+    examples (online training) come back as ``{"prompt_ids": list[list[int]]}``.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        prompt_ids = [ex["prompt_ids"] for ex in examples]
+        group_size = len(examples[0]["completion_ids"])
+        if group_size == 0:
+            return {"prompt_ids": prompt_ids}
+        batch = concat_rows(
+            [p for p in prompt_ids for _ in range(group_size)],
+            [c for ex in examples for c in ex["completion_ids"]],
+            self.pad_token_id,
+        )
+        batch["group_size"] = group_size
+        for key in ("scores", "ref_logps", "strength_mean", "strength_std"):
+            if all(key in ex for ex in examples):
+                batch[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.float32)
+        return batch

@@ -1,0 +1,112 @@
+"""Load a Hugging Face causal LM as a LoRA policy whose reference is the same model, adapter disabled."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from trl.trainer import add_fused_lm_head
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message names the path and suggests a fix."""
+
+
+def _check_local(name_or_path: str) -> None:
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not path.exists():
+        raise ModelLoadError(f"model path {name_or_path!r} does not exist; check the `model` key of the config")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ModelLoadError(
+            f"{path} has no config.json: not a Hugging Face model directory "
+            "(save one with `save_pretrained`, or point `model` at a hub id)"
+        )
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; a tokenizer without a pad token gets its EOS token as pad (logged)."""
+    _check_local(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load a tokenizer from {name_or_path!r}: {err}") from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(
+                f"tokenizer {name_or_path!r} has neither a pad nor an EOS token; add one "
+                "(tokenizer.add_special_tokens({'pad_token': ...})) and save it"
+            )
+        logger.info("tokenizer %s has no pad token; using EOS %r as pad", name_or_path, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False
+) -> torch.nn.Module:
+    """Load a causal LM with TRL's fused LM head, so log-probs never materialise (B, T, V) logits."""
+    _check_local(name_or_path)
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load a causal LM from {name_or_path!r}: {err}") from err
+    add_fused_lm_head(model)  # must come before PEFT wrapping (TRL docstring)
+    return model
+
+
+def check_vocab(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_embed:
+        raise ModelLoadError(
+            f"tokenizer of {name!r} has {len(tokenizer)} tokens but the model embeds only {n_embed}; "
+            "use the tokenizer saved with the model, or resize the embeddings"
+        )
+
+
+def wrap_lora(
+    model: torch.nn.Module,
+    *,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    target_modules: str | list[str] = "all-linear",
+    modules_to_save: list[str] | None = None,
+    task_type: str = "CAUSAL_LM",
+) -> PeftModel:
+    """Wrap a model with a fresh peft LoRA adapter (named "default"); the base weights are frozen."""
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+        task_type=task_type,
+    )
+    return get_peft_model(model, config)
+
+
+def load_policy(
+    name_or_path: str,
+    *,
+    adapter_path: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    **lora_kwargs,
+) -> PeftModel:
+    """A LoRA policy: a new adapter, or a saved one from ``adapter_path`` (trainable)."""
+    model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if adapter_path is None:
+        return wrap_lora(model, **lora_kwargs)
+    return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
