@@ -11,7 +11,7 @@ from transformers import set_seed
 
 from align import checkpoints, demo
 from align.config import ConfigError, build_config, load_yaml
-from align.data import ExampleDataset, build_dataset, load_records
+from align.data import DataError, ExampleDataset, build_dataset, load_records
 from align.models import check_vocab, load_causal_lm, load_policy, load_tokenizer
 from align.rewards import load_reward, score
 from align.sampling import HFSampler
@@ -101,9 +101,14 @@ def build_trainer(config: AlignConfig):
         rows = _rows(config, source, model, tokenizer)
         if name == "copg" and not config.online:
             rows = _score_missing(rows, config, source)
-        return build_dataset(rows, tokenizer, source=source, kinds=("prompts",) if config.online else kinds,
-                             max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                             on_bad_row=config.on_bad_row)
+        built = build_dataset(rows, tokenizer, source=source, kinds=("prompts",) if config.online else kinds,
+                              max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                              on_bad_row=config.on_bad_row)
+        unscored = sum("scores" not in ex for ex in built.examples)
+        if name == "copg" and not config.online and unscored:  # found now, not at the first batch
+            raise DataError(source, None, "rewards", f"{unscored} of {len(built)} rows have no rewards; CoPG needs them",
+                            "give `rewards` (or chosen_reward/rejected_reward), or set `reward` to compute them")
+        return built
 
     train_dataset = dataset(config.dataset)
     eval_dataset = dataset(config.eval_dataset) if config.eval_dataset else None

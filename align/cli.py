@@ -32,16 +32,43 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.config is None:
         raise ConfigError("align train needs --config FILE (see configs/)")
     overrides = parse_overrides(extra)
-    if args.num_processes > 1 and "ALIGN_LAUNCHED" not in os.environ:
-        # Re-run this command under `accelerate launch` (DDP); rank 0 alone writes checkpoints and logs.
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.num_processes),
-               "-m", "align.cli", "train", "--config", args.config, *extra]
-        os.environ["ALIGN_LAUNCHED"] = "1"
-        os.execv(sys.executable, cmd)
+    if (args.num_processes > 1 or args.accelerate_config) and "ALIGN_LAUNCHED" not in os.environ:
+        command, env = _accelerate_command(args, extra)
+        os.environ.update(env)
+        os.execv(sys.executable, command)
     config = api.load_config(args.config, overrides)
     summary = api.train(config, resume_from_checkpoint=args.resume)
-    print(json.dumps(summary, indent=2))
+    if _rank() == 0:
+        print(json.dumps(summary, indent=2))
     return 0
+
+
+def _rank() -> int:
+    """This process's rank under `accelerate launch` / torchrun (0 when not launched)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _accelerate_command(args: argparse.Namespace, extra: list[str]) -> tuple[list[str], dict[str, str]]:
+    """This `align train` command under `accelerate launch`, and the environment it needs: the setup of
+    ``--accelerate-config`` (see configs/accelerate/), or else DDP over ``--num-processes`` processes.
+    Rank 0 alone writes checkpoints, the adapter and logs (transformers.Trainer and `align.api.train`
+    check the rank)."""
+    import torch
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0"]  # 0: a free port
+    env = {"ALIGN_LAUNCHED": "1"}
+    if args.accelerate_config:
+        launch += ["--config_file", args.accelerate_config]
+    else:
+        # torchrun, one process per rank: without a GPU, accelerate runs several processes only this way,
+        # and ACCELERATE_USE_CPU makes each rank train on the CPU over gloo.
+        launch.append("--multi_gpu")
+        if not torch.cuda.is_available():
+            env["ACCELERATE_USE_CPU"] = "true"
+    if args.num_processes > 1:
+        launch += ["--num_processes", str(args.num_processes)]
+    resume = [] if args.resume is None else ["--resume"] if args.resume is True else ["--resume", args.resume]
+    return launch + ["-m", "align.cli", "train", "--config", args.config, *resume, *extra], env
 
 
 def _generation_settings(args: argparse.Namespace):
@@ -150,8 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "can be overridden on the command line.")
     train.add_argument("--config", help="YAML config (see configs/)")
     train.add_argument("--resume", nargs="?", const=True, default=None,
-                       help="resume from the last checkpoint in output_dir, or from the given checkpoint directory")
+                       help="resume from the newest checkpoint in output_dir that passes its integrity check, "
+                       "or from the given checkpoint directory")
     train.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (accelerate launch)")
+    train.add_argument("--accelerate-config", metavar="FILE",
+                       help="run under `accelerate launch --config_file FILE` (configs/accelerate/: ddp, fsdp, zero2, zero3)")
     train.add_argument("--help-keys", metavar="TRAINER", choices=["cpl", "dpo", "copg", "reward"],
                        help="list the config keys of a trainer and exit")
     train.set_defaults(handler=_train)
@@ -187,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if _rank() == 0 else logging.WARNING  # one log, not one per data-parallel rank
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "rm"):

@@ -40,3 +40,43 @@ def demo_base_dir(align_cache):
     from align import demo
 
     return demo.base_model_path()
+
+
+def _snapshot(directory) -> dict[str, str]:
+    """{relative path: SHA-256} of every file under ``directory`` ({} if it does not exist)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(directory)
+    if not root.exists():
+        return {}
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def snapshot():
+    """Fingerprint a directory, to show that a failed command left it exactly as it was."""
+    return _snapshot
+
+
+# A short CPL run on the demo model with checkpoints at steps 4 and 8 (two epochs of 4 steps).
+TRAINED_RUN = {"trainer": "cpl", "model": "builtin:demo", "dataset": "builtin:demo", "alpha": 0.1, "lam": 0.8,
+               "lora_r": 4, "lora_alpha": 8, "learning_rate": 2.0e-3, "per_device_train_batch_size": 8,
+               "max_new_tokens": 8, "demo_train_prompts": 32, "demo_eval_prompts": 4, "max_steps": 8,
+               "save_steps": 4, "logging_steps": 1, "torch_threads": 1, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, demo_base_dir):
+    """(config file, output dir) of ``TRAINED_RUN``, trained once per session. Copy the output dir
+    before changing anything in it."""
+    import yaml
+
+    from align import cli
+
+    root = tmp_path_factory.mktemp("trained_run")
+    config = root / "cpl.yaml"
+    config.write_text(yaml.safe_dump(TRAINED_RUN))
+    assert cli.main(["train", "--config", str(config), "--output_dir", str(root / "out")]) == 0
+    return config, root / "out"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from trl.trainer import add_fused_lm_head
 
@@ -62,6 +63,9 @@ def load_causal_lm(
         )
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load a causal LM from {name_or_path!r}: {err}") from err
+    except SafetensorError as err:
+        raise ModelLoadError(f"could not load a causal LM from {name_or_path!r}: a weights file is damaged or "
+                             f"incomplete ({err}); save or download the model again") from err
     add_fused_lm_head(model)  # must come before PEFT wrapping (TRL docstring)
     return model
 
@@ -109,4 +113,8 @@ def load_policy(
     model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if adapter_path is None:
         return wrap_lora(model, **lora_kwargs)
-    return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+    try:
+        return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # missing files, shapes of another base model
+        raise ModelLoadError(f"could not load the adapter {adapter_path!r} onto {name_or_path!r}: "
+                             f"{str(err).splitlines()[0]}; check `adapter_path` (and that it was trained on this model)") from err

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -176,7 +178,14 @@ class AlignTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         if resume_from_checkpoint is True:  # the newest checkpoint that verifies, not merely the newest
             resume_from_checkpoint = str(checkpoints.last_good_checkpoint(self.args.output_dir))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if resume_from_checkpoint:
+            self._restore(resume_from_checkpoint)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except pickle.UnpicklingError:  # transformers' torch.load(weights_only=True) refused a file
+            raise checkpoints.CheckpointError(
+                f"{resume_from_checkpoint}: a file holds objects other than tensors and was not loaded; such a "
+                "file can run code when unpickled: resume only from checkpoints you trust") from None
 
     def _get_output_dir(self, trial) -> str:
         return self._staging or super()._get_output_dir(trial)
@@ -222,17 +231,17 @@ class AlignTrainer(Trainer):
                 "seed": self.args.seed, "data_seed": self.args.data_seed,
                 "train_data": checkpoints.data_fingerprint(self.train_dataset)}
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        if model is None:  # resuming a run (not loading its best model at the end)
-            saved, current = checkpoints.verify(resume_from_checkpoint), self._resume_state()
-            for key in ("seed", "data_seed", "train_data"):
-                if saved.get(key) != current[key]:
-                    what = "training data" if key == "train_data" else f"{key} ({saved.get(key)!r}, now {current[key]!r})"
-                    raise checkpoints.CheckpointError(
-                        f"{resume_from_checkpoint} was trained with another {what}: resuming would not continue "
-                        "the same run; use the original settings and data, or a new output_dir")
-            self.nonfinite_steps, self.skipped_groups = saved["nonfinite_steps"], saved["skipped_groups"]
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def _restore(self, checkpoint: str) -> None:
+        """Verify ``checkpoint`` against its manifest and this run, and take back align's counters
+        (transformers restores the rest)."""
+        saved, current = checkpoints.verify(checkpoint), self._resume_state()
+        for key in ("seed", "data_seed", "train_data"):
+            if saved.get(key) != current[key]:
+                what = "training data" if key == "train_data" else f"{key} ({saved.get(key)!r}, now {current[key]!r})"
+                raise checkpoints.CheckpointError(f"{checkpoint} was trained with another {what}: resuming would not "
+                                                  "continue the same run; use the original settings and data, or a "
+                                                  "new output_dir")
+        self.nonfinite_steps, self.skipped_groups = saved["nonfinite_steps"], saved["skipped_groups"]
 
     # --- metrics ------------------------------------------------------------------------------
     def _record(self, metrics: dict) -> None:
@@ -248,7 +257,13 @@ class AlignTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for key, values in self._metrics[mode].items():
+        metrics = self._metrics[mode]
+        if self.accelerator.num_processes > 1:  # each rank saw its own share of the batches: log them all
+            metrics = defaultdict(list)
+            for part in gather_object([dict(self._metrics[mode])]):
+                for key, values in part.items():
+                    metrics[key].extend(values)
+        for key, values in metrics.items():
             finite = [v for v in values if math.isfinite(v)]
             if finite:
                 logs[prefix + key] = sum(finite) / len(finite)

@@ -64,26 +64,36 @@ class AlignConfig(TrainingArguments):
     per_device_train_batch_size: int = 8
 
     def __post_init__(self):
-        if self.output_dir is None:
+        if not self.output_dir:
             raise ValueError("output_dir is required")
         super().__post_init__()
-        checks = {
-            "lora_r": self.lora_r >= 1, "lora_alpha": self.lora_alpha > 0, "lora_dropout": 0 <= self.lora_dropout < 1,
-            "max_length": self.max_length >= 2, "max_prompt_length": 1 <= self.max_prompt_length < self.max_length,
-            "num_generations": self.num_generations >= 2, "max_new_tokens": self.max_new_tokens >= 1,
-            "temperature": self.temperature > 0, "top_p": 0 < self.top_p <= 1, "top_k": self.top_k >= 0,
-            "vllm_sync_every": self.vllm_sync_every >= 1, "reward_retries": self.reward_retries >= 0,
-            "reward_timeout": self.reward_timeout is None or self.reward_timeout > 0,
-            "vllm_gpu_memory_utilization": 0 < self.vllm_gpu_memory_utilization <= 1,
-            "vllm_tensor_parallel_size": self.vllm_tensor_parallel_size >= 1,
-            "demo_train_prompts": self.demo_train_prompts >= 1, "demo_eval_prompts": self.demo_eval_prompts >= 1,
+        checks = {  # name: (holds, the rule it breaks)
+            "lora_r": (self.lora_r >= 1, ">= 1"), "lora_alpha": (self.lora_alpha > 0, "> 0"),
+            "lora_dropout": (0 <= self.lora_dropout < 1, "in [0, 1)"), "max_length": (self.max_length >= 2, ">= 2"),
+            "max_prompt_length": (1 <= self.max_prompt_length < self.max_length, ">= 1 and < max_length"),
+            "num_generations": (self.num_generations >= 2, ">= 2"), "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
+            "temperature": (self.temperature > 0, "> 0"), "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
+            "top_k": (self.top_k >= 0, ">= 0 (0 = off)"), "vllm_sync_every": (self.vllm_sync_every >= 1, ">= 1"),
+            "reward_retries": (self.reward_retries >= 0, ">= 0"),
+            "reward_timeout": (self.reward_timeout is None or self.reward_timeout > 0, "> 0 seconds, or null for none"),
+            "vllm_gpu_memory_utilization": (0 < self.vllm_gpu_memory_utilization <= 1, "in (0, 1]"),
+            "vllm_tensor_parallel_size": (self.vllm_tensor_parallel_size >= 1, ">= 1"),
+            "demo_train_prompts": (self.demo_train_prompts >= 1, ">= 1"), "demo_eval_prompts": (self.demo_eval_prompts >= 1, ">= 1"),
+            # TrainingArguments values that would otherwise fail later, deep inside torch or transformers
+            "learning_rate": (self.learning_rate > 0, "> 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "num_train_epochs": (self.num_train_epochs > 0, "> 0"),
+            "per_device_train_batch_size": (self.per_device_train_batch_size >= 1, ">= 1"),
+            "per_device_eval_batch_size": (self.per_device_eval_batch_size >= 1, ">= 1"),
+            "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, ">= 1"),
+            "save_steps": (self.save_strategy != "steps" or self.save_steps > 0, "> 0 with save_strategy=steps"),
+            "seed": (0 <= self.seed < 2**32, "in [0, 2**32)"),
         }
         choices = {"dtype": ("float32", "bfloat16", "float16"), "on_bad_row": ("error", "skip"),
                    "sampler": ("hf", "vllm"), "vllm_mode": ("colocate", "server"), "vllm_sync": ("merged", "adapter"),
                    "reward_on_error": ("stop", "skip"), "on_nonfinite": ("skip", "stop")}
-        for name, ok in checks.items():
+        for name, (ok, rule) in checks.items():
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range: it must be {rule}")
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")

@@ -1,0 +1,184 @@
+"""Crash-safe checkpoints and output paths.
+
+A checkpoint directory ``checkpoint-N`` only ever appears complete. The trainer writes it inside
+``.tmp-checkpoint-N``, records every file's size and SHA-256 in ``align_checkpoint.json`` (with the
+state align itself needs to resume exactly), fsyncs, and renames it into place: one ``rename``,
+atomic on POSIX file systems. A crash at any moment leaves the earlier checkpoints as they were; the
+next save removes the leftover ``.tmp-*`` directory. Rotation (``save_total_limit``) runs only after
+a new checkpoint is in place and never deletes it. Before resuming, the manifest is checked, so a
+truncated or altered file is reported by name instead of failing inside ``torch.load``; ``--resume``
+without a directory takes the newest checkpoint that passes the check.
+
+What a checkpoint holds (transformers writes all but the manifest): the adapter (safetensors); the
+optimizer, LR scheduler and RNG states (``torch.save``: transformers reads them back with
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers); the
+trainer state (step, log history); the arguments as JSON (``training_args.json``: align drops the
+pickled ``training_args.bin``); the manifest. The data order needs no file: it is a function of the
+seed and the epoch (accelerate's seedable sampler), and so are the on-policy sampling seeds
+(``AlignTrainer.online_batch``). Online training keeps no buffer between steps: every batch is
+sampled afresh from the current policy. The manifest records the seeds and a fingerprint of the
+training data, so that resuming with other data or another seed is refused instead of diverging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "align_checkpoint.json"
+TMP_PREFIX = ".tmp-"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, partial, altered or from another run; the message says which and why."""
+
+
+def output_path(output_dir: str | Path, *parts: str) -> Path:
+    """``output_dir/parts...``, refused if it resolves (``..``, symlinks) outside ``output_dir``."""
+    root = Path(output_dir).resolve()
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root):
+        raise CheckpointError(f"{path} resolves to {path.resolve()}, outside the output directory {root}; "
+                              "remove the link or choose another output_dir")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file under a temporary name, fsync it and rename it over ``path``."""
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    tmp.write_text(text, encoding="utf-8")
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def data_fingerprint(dataset, samples: int = 1024) -> str:
+    """SHA-256 of the size and of up to ``samples`` evenly spaced examples: cheap, and enough to tell
+    another dataset (or another tokenizer) from the one a checkpoint was trained on."""
+    n = len(dataset)
+    digest = hashlib.sha256(str(n).encode())
+    for i in sorted({k * n // samples for k in range(min(n, samples))}):
+        digest.update(json.dumps(dataset[i], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(directory: Path, state: dict) -> None:
+    """Fsync every file of ``directory`` and record its size and SHA-256, with ``state``."""
+    files = {}
+    for path in _files(directory):
+        _fsync(path)
+        files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    write_atomic(directory / MANIFEST, json.dumps({"files": files, "state": state}, indent=1))
+
+
+def commit(staged: Path, final: Path) -> None:
+    """Move the complete checkpoint ``staged`` to ``final`` (replacing an older one of that name)."""
+    old = final.with_name(TMP_PREFIX + final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staged, final)
+    _fsync(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(checkpoint: str | Path) -> dict:
+    """Check a checkpoint against its manifest; return the saved align state."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        files, state = manifest["files"], manifest["state"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {MANIFEST}: not a complete align checkpoint "
+                              "(resume from another checkpoint-N)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path / MANIFEST} is unreadable ({err}); the checkpoint is damaged, "
+                              "resume from another checkpoint-N") from None
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing; the checkpoint is incomplete, resume from another checkpoint-N")
+        if file.stat().st_size != expected["size"] or _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file} does not match the checkpoint manifest (truncated or altered); "
+                                  "resume from another checkpoint-N")
+    return state
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """``checkpoint-N`` directories of ``output_dir``, oldest step first."""
+    root = Path(output_dir)
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def last_good_checkpoint(output_dir: str | Path) -> Path:
+    """The newest checkpoint that passes ``verify``; damaged newer ones are reported and passed over."""
+    problems = []
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            verify(path)
+        except CheckpointError as err:
+            logger.warning("skipping %s: %s", path.name, err)
+            problems.append(str(err))
+            continue
+        return path
+    if problems:
+        raise CheckpointError(f"no usable checkpoint in {output_dir}: " + "; ".join(problems))
+    raise CheckpointError(f"no checkpoint to resume from in {output_dir} (train without --resume, "
+                          "or give the checkpoint directory: --resume DIR)")
+
+
+def remove_stale(output_dir: str | Path) -> None:
+    """Delete what a crashed save left behind (``.tmp-*``)."""
+    for path in Path(output_dir).glob(TMP_PREFIX + "*"):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def rotate(output_dir: str | Path, limit: int | None, protect: set[Path]) -> None:
+    """Keep at most ``limit`` checkpoints, deleting the oldest; never those in ``protect`` (the one just
+    written, the best one). A deletion is a rename first, so a crash never leaves half a checkpoint."""
+    if not limit or limit <= 0:
+        return
+    protect = {p.resolve() for p in protect}
+    found = list_checkpoints(output_dir)
+    excess = len(found) - max(limit, len(protect))
+    for path in found:
+        if excess <= 0:
+            break
+        if path.resolve() in protect:
+            continue
+        doomed = path.with_name(TMP_PREFIX + path.name + ".old")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
+        excess -= 1

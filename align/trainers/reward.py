@@ -1,0 +1,427 @@
+"""Reward-model trainer of "Secrets of RLHF in Large Language Models Part II: Reward Modeling" (Wang et
+al. 2024, arXiv 2401.06080), and the ensemble that measures preference strength.
+
+A reward model is a sequence-classification model with one output (``align.rewards.model``) and a LoRA
+adapter; the newly initialised score head is trained and saved with it (peft ``modules_to_save``). It is
+trained with Bradley-Terry on the concatenated (chosen, rejected) batch, with the paper's options.
+Formulas, typos and unspecified values: ``shared/papers/reward_modeling_and_contrastive_search.md``
+Part A. Where the paper is silent, align chooses (and says so at the option):
+
+* adaptive margin (Eq. 6, inside σ as in Llama 2; the printed equation puts it outside, a typo):
+  ``m = margin_scale · max(μ̂, 0)``; a flipped pair has μ̂ negated first, so its margin is ``|μ̂|``.
+* label smoothing (Eq. 5): α is not given; the slice is all pairs, the strongest fraction (§2.4, Fig. 6)
+  or the pairs with μ̂ < 0 (the "Soft Label + Margin" method of §2.5).
+* flipping (§2.4.1): the ``flip_fraction`` lowest-strength pairs of the *training set* are swapped
+  once, before training (the paper flips the bottom 10-20%).
+* contrastive views (§3.1): the paper's augmentation is dropout 0.05 with two forward passes. Decoder
+  LLMs mostly have no dropout and a fresh LoRA adapter is zero (LoRA dropout changes nothing at step
+  0), so the views come from dropout p = ``contrastive_dropout`` on the token embeddings, active in both
+  passes. The Bradley-Terry loss is averaged over the two views (L_rm "on all original samples and
+  their augmentations"); SimCSE's τ is not given (default 0.05), β = 1 (App. B.2).
+* MetaRM (§3.2, Alg. 1): η, α, m and k are not given (the paper's RM learning rate is 5e-6). The outer
+  step α is the optimizer's ``learning_rate``; the inner SGD ascent step η = ``meta_lr`` defaults to
+  the same value; m = ``meta_batch_size`` prompts per step; k = the responses per prompt in
+  ``meta_dataset``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from align import demo
+from align.config import ConfigError
+from align.data import DataError, ExampleDataset, GroupCollator, build_dataset, load_records
+from align.data.examples import validate_row
+from align.models import load_causal_lm, load_tokenizer, wrap_lora
+from align.objectives import (
+    bradley_terry_loss,
+    difference_views,
+    flip_mask,
+    metarm_difference,
+    preference_strength,
+    simcse_loss,
+)
+from align.rewards.model import INFO_FILE, head_name, load_reward_backbone, reward_forward
+from align.trainers.base import AlignTrainer
+from align.trainers.config import AlignConfig
+
+logger = logging.getLogger(__name__)
+
+SMOOTHING_SLICES = ("all", "strongest", "negative")
+CONTRASTIVE = ("none", "simcse", "simcse_diff")
+
+
+@dataclass
+class RewardConfig(AlignConfig):
+    """Defaults: vanilla Bradley-Terry (the official MOSS-RLHF loss, with log σ instead of log(σ + 1e-5))."""
+
+    # --- denoising with the ensemble preference strength μ̂ (§2.4; data from `align rm strength`) ---
+    flip_fraction: float = field(default=0.0, metadata={"help": "Swap chosen/rejected of this fraction of training pairs with the lowest strength_mean (paper: 0.1-0.2)."})
+    adaptive_margin: bool = field(default=False, metadata={"help": "Bradley-Terry with margin margin_scale*max(strength_mean, 0) inside the sigmoid (Eq. 6)."})
+    margin_scale: float = field(default=1.0, metadata={"help": "Scale of the adaptive margin (not given in the paper)."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing alpha of Eq. 5 (not given in the paper); 0 = off."})
+    smoothing_slice: str = field(default="all", metadata={"help": "Pairs smoothed: all, strongest (top smoothing_fraction by strength_mean) or negative (strength_mean < 0)."})
+    smoothing_fraction: float = field(default=0.1, metadata={"help": "smoothing_slice=strongest: the fraction smoothed (paper: the strongest 10%)."})
+    strength_buckets: int = field(default=4, metadata={"help": "Report accuracy in this many quantile buckets of strength_mean."})
+    # --- contrastive representation loss (§3.1) ------------------------------------------------
+    contrastive: str = field(default="none", metadata={"help": "none, simcse (responses as instances) or simcse_diff (chosen-minus-rejected features)."})
+    contrastive_weight: float = field(default=1.0, metadata={"help": "beta of L_rm + beta*L_cl (paper: 1 for SimCSE)."})
+    contrastive_temperature: float = field(default=0.05, metadata={"help": "SimCSE temperature tau (not given in the paper)."})
+    contrastive_dropout: float = field(default=0.05, metadata={"help": "Dropout on the token embeddings that makes the two views (paper: dropout 0.05)."})
+    # --- MetaRM (§3.2) -----------------------------------------------------------------------
+    meta_dataset: str | None = field(default=None, metadata={"help": "Unlabelled responses of the shifted policy: groups (prompt + completions) or pairs. Enables MetaRM."})
+    meta_lr: float | None = field(default=None, metadata={"help": "MetaRM inner SGD step eta: theta' = theta + eta*grad J (not given in the paper); None = learning_rate."})
+    meta_batch_size: int = field(default=4, metadata={"help": "MetaRM prompts per step (m; not given in the paper)."})
+    # --- saving ------------------------------------------------------------------------------
+    reward_stats_pairs: int = field(default=2048, metadata={"help": "Training pairs scored at the end for the saved reward mean/std (normalisation)."})
+
+    learning_rate: float = 1e-4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.online:
+            raise ValueError("reward models train offline on preference pairs; set online=false")
+        checks = {
+            "flip_fraction": 0 <= self.flip_fraction < 1, "margin_scale": self.margin_scale >= 0,
+            "label_smoothing": 0 <= self.label_smoothing <= 1, "smoothing_fraction": 0 < self.smoothing_fraction <= 1,
+            "strength_buckets": self.strength_buckets >= 1, "contrastive_weight": self.contrastive_weight >= 0,
+            "contrastive_temperature": self.contrastive_temperature > 0,
+            "contrastive_dropout": 0 <= self.contrastive_dropout < 1, "meta_lr": (self.meta_lr or 0) >= 0,
+            "meta_batch_size": self.meta_batch_size >= 1, "reward_stats_pairs": self.reward_stats_pairs >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range")
+        for name, allowed in (("smoothing_slice", SMOOTHING_SLICES), ("contrastive", CONTRASTIVE)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+
+    @property
+    def uses_strength(self) -> bool:
+        return (self.flip_fraction > 0 or self.adaptive_margin
+                or (self.label_smoothing > 0 and self.smoothing_slice != "all"))
+
+
+# Options that turn a config into the plain Bradley-Terry models of the strength ensemble (§2.2).
+PLAIN_BT = {"flip_fraction": 0.0, "adaptive_margin": False, "label_smoothing": 0.0, "contrastive": "none",
+            "meta_dataset": None}
+
+
+def flip_pair(example: dict) -> dict:
+    """The example with chosen and rejected swapped (and their true scores); μ̂ changes sign, σ̂ does not."""
+    out = dict(example, completion_ids=example["completion_ids"][::-1])
+    if "scores" in out:
+        out["scores"] = out["scores"][::-1]
+    if "strength_mean" in out:
+        out["strength_mean"] = -out["strength_mean"]
+    return out
+
+
+@torch.no_grad()
+def pair_rewards(model, dataset, pad_token_id: int, *, batch_size: int = 64) -> torch.Tensor:
+    """Rewards (N, K) of every example's completions, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    collate = GroupCollator(pad_token_id)
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        rewards, _ = reward_forward(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        out.append(rewards.view(-1, batch["group_size"]).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def reward_metrics(rewards: torch.Tensor, batch: dict, strength_edges: torch.Tensor | None) -> dict:
+    """Accuracy (a tie counts as wrong, as in MOSS-RLHF), margin, reward mean/std, agreement with true
+    rewards when the data carry them (``scores``; true ties left out) and accuracy by strength bucket."""
+    chosen, rejected = rewards[:, 0].detach(), rewards[:, 1].detach()
+    diff = chosen - rejected
+    metrics = {
+        "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+        "rewards/accuracies": (diff > 0).float().mean(), "rewards/margins": diff.mean(),
+        "reward/mean": rewards.detach().mean(), "reward/std": rewards.detach().std(correction=0),
+    }
+    if "scores" in batch:
+        true = batch["scores"][:, 0] - batch["scores"][:, 1]
+        metrics["rewards/true_accuracy"] = ((diff > 0) == (true > 0))[true != 0].float().mean()  # NaN: not logged
+    if strength_edges is not None and "strength_mean" in batch:
+        bucket = torch.bucketize(batch["strength_mean"], strength_edges.to(diff.device))
+        for q in range(len(strength_edges) + 1):
+            metrics[f"accuracy/strength_q{q + 1}"] = (diff[bucket == q] > 0).float().mean()
+    return metrics
+
+
+class RewardTrainer(AlignTrainer):
+    """Bradley-Terry reward model on (chosen, rejected) pairs; see the module docstring for the options."""
+
+    orders_by_reward = False
+
+    def __init__(self, model, args: RewardConfig, train_dataset, processing_class: PreTrainedTokenizerBase,
+                 eval_dataset=None, reward_fn=None, sampler=None, callbacks=None):
+        examples = [train_dataset[i] for i in range(len(train_dataset))]
+        has_strength = all("strength_mean" in ex for ex in examples)
+        if args.uses_strength and not has_strength:
+            raise DataError(args.dataset, None, "strength_mean",
+                            "flip_fraction, adaptive_margin and smoothing_slice need the ensemble preference strength",
+                            "run `align rm strength --config ...` and train on the dataset it writes")
+        self.flipped = torch.zeros(len(examples), dtype=torch.bool)
+        self.strength_edges = None
+        self.strongest_threshold = float("inf")
+        if has_strength:
+            strength = torch.tensor([ex["strength_mean"] for ex in examples])
+            if args.flip_fraction > 0:
+                self.flipped = flip_mask(strength, args.flip_fraction)
+                examples = [flip_pair(ex) if f else ex for ex, f in zip(examples, self.flipped.tolist())]
+                strength = torch.where(self.flipped, -strength, strength)
+                train_dataset = ExampleDataset(examples, getattr(train_dataset, "stats", None))
+            top = flip_mask(-strength, args.smoothing_fraction)  # the strongest slice
+            if top.any():
+                self.strongest_threshold = float(strength[top].min())
+            if args.strength_buckets > 1:
+                self.strength_edges = torch.quantile(strength, torch.arange(1, args.strength_buckets) / args.strength_buckets)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
+                         eval_dataset=eval_dataset, reward_fn=reward_fn, sampler=sampler, callbacks=callbacks)
+        if args.contrastive != "none":
+            p = args.contrastive_dropout
+            self.model.get_input_embeddings().register_forward_hook(
+                lambda module, inputs, output: F.dropout(output, p, module.training))
+        self.meta_batches = self._meta_batches() if args.meta_dataset else None
+        self.meta_lr = args.learning_rate if args.meta_lr is None else args.meta_lr
+
+    # --- the model -----------------------------------------------------------------------------
+    @staticmethod
+    def load_model(config: RewardConfig, model_path: str, tokenizer: PreTrainedTokenizerBase) -> PeftModel:
+        """The reward model ``align train`` builds: a one-output sequence-classification model with a
+        new LoRA adapter whose saved modules include the (seeded, newly initialised) head, or a saved
+        adapter from ``adapter_path`` (trainable)."""
+        model = load_reward_backbone(model_path, pad_token_id=tokenizer.pad_token_id, dtype=config.dtype,
+                                     seed=config.seed, trust_remote_code=config.trust_remote_code)
+        if config.adapter_path is not None:
+            return PeftModel.from_pretrained(model, config.adapter_path, is_trainable=True)
+        return wrap_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                         target_modules=config.lora_target_modules or "all-linear",
+                         modules_to_save=[head_name(model)], task_type="SEQ_CLS")
+
+    # --- the loss ------------------------------------------------------------------------------
+    def bt_losses(self, chosen: torch.Tensor, rejected: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Per-pair Bradley-Terry losses with the configured margin and smoothing. Options that need
+        ``strength_mean`` apply to batches that carry it (evaluation data usually does not)."""
+        a, strength = self.args, batch.get("strength_mean")
+        margin, smoothing = None, a.label_smoothing
+        if strength is not None:
+            if a.adaptive_margin:
+                margin = a.margin_scale * strength.clamp(min=0)
+            if a.smoothing_slice != "all":
+                selected = strength >= self.strongest_threshold if a.smoothing_slice == "strongest" else strength < 0
+                smoothing = a.label_smoothing * selected.to(chosen.dtype)
+        elif a.smoothing_slice != "all":
+            smoothing = 0.0
+        return bradley_terry_loss(chosen, rejected, margin=margin, label_smoothing=smoothing)
+
+    def contrastive_losses(self, view_a: torch.Tensor, view_b: torch.Tensor) -> torch.Tensor:
+        """Per-pair SimCSE loss (Eq. 9) of the last-token features (2B, D) of two dropout views: each pair's
+        two instances (its responses, or its difference and the negation) averaged."""
+        tau = self.args.contrastive_temperature
+        if self.args.contrastive == "simcse":
+            return simcse_loss(view_a, view_b, temperature=tau).view(-1, 2).mean(1)
+        diffs_a = difference_views(view_a[0::2], view_a[1::2])
+        diffs_b = difference_views(view_b[0::2], view_b[1::2])
+        return simcse_loss(diffs_a, diffs_b, temperature=tau).view(2, -1).mean(0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if inputs.get("group_size") != 2:
+            raise ValueError("reward models train on (chosen, rejected) pairs; got groups of "
+                             f"{inputs.get('group_size', 0)} completions")
+        contrast = self.args.contrastive != "none" and model.training
+        n_views = 2 if contrast else 1  # both dropout views in one forward (DDP allows one per backward)
+        rewards, features = reward_forward(model, inputs["input_ids"].repeat(n_views, 1),
+                                           inputs["attention_mask"].repeat(n_views, 1), features=contrast)
+        rewards = rewards.view(n_views, -1, 2)
+        losses = torch.stack([self.bt_losses(r[:, 0], r[:, 1], inputs) for r in rewards]).mean(0)
+        metrics = reward_metrics(rewards[0], inputs, self.strength_edges)
+        if contrast:
+            cl = self.contrastive_losses(*features.chunk(2))
+            losses = losses + self.args.contrastive_weight * cl
+            metrics["contrastive_loss"] = cl.detach().mean()
+        loss = losses.mean()
+        if not torch.isfinite(loss):
+            if self.args.on_nonfinite == "stop":
+                raise FloatingPointError(f"non-finite loss at step {self.state.global_step + 1}")
+            self.nonfinite_steps += 1
+            logger.warning("non-finite loss at step %d: skipped (%d so far)", self.state.global_step + 1, self.nonfinite_steps)
+            return self._zero_loss(model)
+        self._record(metrics)
+        return (loss, None) if return_outputs else loss
+
+    # --- MetaRM (§3.2, Alg. 1) ------------------------------------------------------------------
+    def _meta_batches(self):
+        a = self.args
+        rows = load_records(a.meta_dataset, split=a.dataset_split)
+        data = build_dataset(rows, self.processing_class, source=a.meta_dataset, kinds=("groups", "pairs"),
+                             max_length=a.max_length, max_prompt_length=a.max_prompt_length, on_bad_row=a.on_bad_row)
+        collate, generator = GroupCollator(self.processing_class.pad_token_id), torch.Generator().manual_seed(a.seed)
+        while True:
+            for index in torch.randperm(len(data), generator=generator).split(a.meta_batch_size):
+                yield collate([data[i] for i in index.tolist()])
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """With MetaRM: θ' = θ + η ∇J(X_s) (ascent on the difference of shifted-policy responses, Eq. 11),
+        then the Bradley-Terry gradient at θ' (the usual step accumulates it), then θ is restored, so the
+        optimizer applies ∇L(θ') to θ: the first-order update of Alg. 1."""
+        if self.meta_batches is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        params = [p for p in model.parameters() if p.requires_grad]
+        theta = [p.detach().clone() for p in params]  # restored exactly (θ + ηg - ηg is not θ in floats)
+        batch = next(self.meta_batches)
+        model.train()
+        with self.compute_loss_context_manager():
+            rewards, _ = reward_forward(self.accelerator.unwrap_model(model), batch["input_ids"].to(self.args.device),
+                                        batch["attention_mask"].to(self.args.device))
+        difference = metarm_difference(rewards.view(-1, batch["group_size"])).mean()
+        grads = torch.autograd.grad(difference, params, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.add_(g, alpha=self.meta_lr)
+        self._record({"metarm/difference": difference.detach()})
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(params, theta):
+                    p.copy_(saved)
+
+    # --- saving and evaluation ----------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Also writes ``reward_model.json``: the tokenization limits and, at the end of training (not
+        in checkpoints), the reward mean/std over up to ``reward_stats_pairs`` training pairs."""
+        super().save_model(output_dir, _internal_call)
+        if not self.is_world_process_zero():
+            return
+        a = self.args
+        info = {"max_length": a.max_length, "max_prompt_length": a.max_prompt_length}
+        if not _internal_call:
+            n = min(a.reward_stats_pairs, len(self.train_dataset))
+            subset = [self.train_dataset[i] for i in range(n)]
+            rewards = pair_rewards(self.accelerator.unwrap_model(self.model), subset, self.processing_class.pad_token_id,
+                                   batch_size=a.per_device_eval_batch_size)
+            info |= {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
+                     "stats_pairs": n}
+        path = Path(output_dir or a.output_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / INFO_FILE).write_text(json.dumps(info, indent=2))
+
+    def evaluate_demo(self, prompts: list[str]) -> dict:
+        """Accuracy on held-out demo pairs against the true reward (true ties left out) and against their
+        Bradley-Terry-sampled labels."""
+        a, tokenizer = self.args, self.processing_class
+        policy = load_causal_lm(str(demo.base_model_path()), dtype=a.dtype)
+        rows = demo.preference_pairs(policy, tokenizer, prompts, seed=a.seed + 1, max_new_tokens=a.max_new_tokens)
+        data = build_dataset(rows, tokenizer, source="builtin:demo (held out)", kinds=("pairs",),
+                             max_length=a.max_length, max_prompt_length=a.max_prompt_length)
+        rewards = pair_rewards(self.accelerator.unwrap_model(self.model), data, tokenizer.pad_token_id)
+        diff = rewards[:, 0] - rewards[:, 1]
+        true = torch.tensor([ex["scores"][0] - ex["scores"][1] for ex in data.examples])
+        decided = true != 0
+        return {"heldout_pairs": len(data), "heldout_accuracy_true": ((diff > 0) == (true > 0))[decided].float().mean().item(),
+                "heldout_accuracy_labels": (diff > 0).float().mean().item()}
+
+
+# --- preference strength (§2.2, Eq. 4) ------------------------------------------------------------
+def ensemble_memory(model: PeftModel, adapters: list[str]) -> dict:
+    """Parameter bytes of one frozen base with these adapters vs as many full copies of the model."""
+    per_adapter = dict.fromkeys(adapters, 0)
+    base = 0
+    for name, p in model.named_parameters():
+        owner = next((a for a in adapters if f".{a}." in name), None)
+        if owner is None:
+            base += p.numel() * p.element_size()
+        else:
+            per_adapter[owner] += p.numel() * p.element_size()
+    shared = base + sum(per_adapter.values())
+    return {"base_bytes": base, "adapter_bytes": max(per_adapter.values()), "ensemble_bytes": shared,
+            "full_copies_bytes": len(adapters) * base, "saving": len(adapters) * base / shared}
+
+
+def strength_ensemble(config: RewardConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset,
+                      num_models: int) -> dict:
+    """Train ``num_models`` plain Bradley-Terry reward models on the same pairs, each with its own seed
+    (adapter and head initialisation, data order), as LoRA adapters with their own heads on ``model``'s
+    one frozen base; return the reward differences ``diffs`` (M, N) and their ``mean``/``std`` (Eq. 4,
+    population std)."""
+    if num_models < 2:
+        raise ValueError(f"the strength ensemble needs at least 2 models, got {num_models}")
+    lora_config, head = model.peft_config["default"], head_name(model)
+    init_std = getattr(model.config, "initializer_range", 0.02)
+    names, diffs = [], []
+    for m in range(num_models):
+        name = "default" if m == 0 else f"member{m}"  # member 0 is the adapter `load_model` made
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + m)
+            if m > 0:
+                model.add_adapter(name, copy.deepcopy(lora_config))
+                torch.nn.init.normal_(getattr(model.get_base_model(), head).modules_to_save[name].weight, std=init_std)
+        model.set_adapter(name)
+        args = dataclasses.replace(config, **PLAIN_BT, seed=config.seed + m, save_strategy="no", eval_strategy="no",
+                                   output_dir=str(Path(config.output_dir) / "strength" / f"member{m}"))
+        start = time.perf_counter()
+        RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+        rewards = pair_rewards(model, dataset, tokenizer.pad_token_id, batch_size=config.per_device_eval_batch_size)
+        diffs.append(rewards[:, 0] - rewards[:, 1])
+        names.append(name)
+        logger.info("strength ensemble: model %d/%d trained in %.1fs, train accuracy %.3f", m + 1, num_models,
+                    time.perf_counter() - start, (diffs[-1] > 0).float().mean().item())
+    diffs = torch.stack(diffs)
+    mean, std = preference_strength(diffs)
+    return {"diffs": diffs, "mean": mean, "std": std, "memory": ensemble_memory(model, names)}
+
+
+def strength_main(config_path: str, overrides: dict, num_models: int, out_path: str) -> dict:
+    """``align rm strength``: train the ensemble of ``num_models`` reward models described by a ``trainer:
+    reward`` config (its denoising/contrastive/MetaRM options are ignored: the ensemble is plain BT) and
+    write its pairs with ``strength_mean``/``strength_std`` added as JSON lines to ``out_path``."""
+    from align import api  # the config -> data pipeline; api imports the trainers, so not at module level
+
+    config = api.load_config(config_path, {**overrides, **PLAIN_BT})
+    if not isinstance(config, RewardConfig):
+        raise ConfigError(f"{config_path}: align rm strength needs `trainer: reward`")
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    start = time.perf_counter()
+    model_path = api._model_path(config)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
+    model = RewardTrainer.load_model(config, model_path, tokenizer)
+    rows = api._rows(config, config.dataset, model, tokenizer)
+    kept = []
+    for index, row in enumerate(rows, start=1):  # the pairs build_dataset keeps, so rows and examples align
+        try:
+            validate_row(row, "pairs", config.dataset, index)
+        except DataError:
+            if config.on_bad_row == "error":
+                raise
+            continue
+        kept.append(row)
+    dataset = build_dataset(kept, tokenizer, source=config.dataset, kinds=("pairs",), max_length=config.max_length,
+                            max_prompt_length=config.max_prompt_length)
+    result = strength_ensemble(config, model, tokenizer, dataset, num_models)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for row, mean, std in zip(kept, result["mean"].tolist(), result["std"].tolist()):
+            f.write(json.dumps({**row, "strength_mean": mean, "strength_std": std}) + "\n")
+    return {"pairs": len(kept), "skipped_rows": len(rows) - len(kept), "num_models": num_models, "output": str(out),
+            "strength_mean_avg": result["mean"].mean().item(), "negative_fraction": (result["mean"] < 0).float().mean().item(),
+            "memory": result["memory"], "seconds": time.perf_counter() - start}
