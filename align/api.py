@@ -123,9 +123,15 @@ def build_trainer(config: AlignConfig):
 def make_sampler(config: AlignConfig, model, tokenizer):
     if config.sampler == "hf":
         return HFSampler(model, tokenizer)
-    from align.sampling.vllm import VLLMSampler  # vLLM is an optional extra
+    from urllib.parse import urlparse
 
-    return VLLMSampler.from_config(config, model, tokenizer)
+    from align.sampling.vllm import VLLMSampler  # imports vLLM (an optional extra) only when it starts
+
+    url = urlparse(config.vllm_server_url)
+    return VLLMSampler(model, tokenizer, mode=config.vllm_mode, sync=config.vllm_sync, sync_every=config.vllm_sync_every,
+                       host=url.hostname or "127.0.0.1", port=url.port or 8000,
+                       tensor_parallel_size=config.vllm_tensor_parallel_size,
+                       gpu_memory_utilization=config.vllm_gpu_memory_utilization, dtype=config.dtype, seed=config.seed)
 
 
 def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None) -> dict:
@@ -136,7 +142,10 @@ def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None)
     summary_path, plot_path, merged_dir = (checkpoints.output_path(output_dir, name)
                                            for name in ("summary.json", "training.png", "merged"))
     trainer = build_trainer(config)
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    finally:  # a vLLM engine or server connection is released even when training fails
+        getattr(trainer.sampler, "close", lambda: None)()
     trainer.save_model(str(output_dir))
     summary = {"trainer": trainer_name(config), "train_loss": result.training_loss, "steps": trainer.state.global_step,
                "nonfinite_skipped": trainer.nonfinite_steps, "data": trainer.train_dataset.stats.summary()}

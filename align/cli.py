@@ -129,18 +129,13 @@ def _eval_decoding(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _serve(args: argparse.Namespace, extra: list[str]) -> int:
-    import signal
-
     from align.sampling.vllm_server import serve
 
-    server = serve(args.model, host=args.host, port=args.port, tensor_parallel_size=args.tensor_parallel_size,
-                   gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=args.max_lora_rank)
-    print(f"vLLM server for {args.model} listening on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    finally:
-        server.stop()
-    return 0
+    # The server runs in its own process group; leaving the `with` (Ctrl-C included) stops it.
+    with serve(args.model, host=args.host, port=args.port, tensor_parallel_size=args.tensor_parallel_size,
+               gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=args.max_lora_rank) as server:
+        print(f"vLLM server for {args.model} listening on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+        return server.wait()
 
 
 def _rm_strength(args: argparse.Namespace, extra: list[str]) -> int:

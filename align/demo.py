@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class DemoSpec:
     pretrain_steps: int = 600
     hidden_size: int = 64
     layers: int = 2
+    heads: int = 2  # head size 32: vLLM's CPU attention needs 32, 64, 80, ...
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -113,7 +115,7 @@ def base_model_path(spec: DemoSpec = DemoSpec()) -> Path:
         return path
     logger.info("building the demo base model in %s (once; later runs reuse it)", path)
     tokenizer = word_tokenizer(WORDS)
-    model = tiny_llama(len(tokenizer), hidden_size=spec.hidden_size, layers=spec.layers,
+    model = tiny_llama(len(tokenizer), hidden_size=spec.hidden_size, layers=spec.layers, heads=spec.heads,
                        intermediate_size=2 * spec.hidden_size, seed=spec.seed,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
@@ -121,7 +123,12 @@ def base_model_path(spec: DemoSpec = DemoSpec()) -> Path:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+    try:
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+    except OSError:
+        if not (path / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)  # another process built the same model first: keep theirs
     return path
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from align import cli, demo
 from align.data import DataError, build_dataset, load_records
 from align.data.examples import KNOWN_FIELDS
-from align.models import wrap_lora
+from align.models import load_policy, wrap_lora
 from align.models.tiny import tiny_llama, word_tokenizer
 
 BASE = {"trainer": "cpl", "model": "builtin:demo", "max_steps": 1, "per_device_train_batch_size": 2,
@@ -192,7 +192,74 @@ MODELS = [
     ("adapter-of-another-model", lambda t: ["--adapter_path", str(_other_base_adapter(t))],
      ["could not load the adapter", "trained on this model"]),
     ("hub-id-offline", lambda t: ["--model", "some-org/some-model"], ["could not load a tokenizer from 'some-org/some-model'"]),
+    ("model-is-a-file", lambda t: ["--model", str(_write(t, "model.bin", b"weights") / "model.bin")],
+     ["could not load a tokenizer from"]),
+    ("empty-model-dir", lambda t: ["--model", str(_mkdir(t / "empty"))], ["has no config.json"]),
+    ("unknown-model-type", lambda t: ["--model", str(_write(_model_dir(t, "m"), "config.json", b'{"model_type": "nope"}'))],
+     ["model type `nope` but Transformers does not recognize this architecture"]),
+    ("config-json-is-a-list", lambda t: ["--model", str(_write(_model_dir(t, "m"), "config.json", b"[1, 2]"))],
+     ["could not load a tokenizer from"]),
+    ("config-json-empty", lambda t: ["--model", str(_write(_model_dir(t, "m"), "config.json", b""))], ["not a valid JSON file"]),
+    ("weights-of-another-shape", lambda t: ["--model", str(_other_shape_weights(_model_dir(t, "m")))],
+     ["could not load a causal LM", "ignore_mismatched_sizes"]),
+    ("config-vocab-disagrees-with-weights", lambda t: ["--model", str(_config(_model_dir(t, "m"), vocab_size=10))],
+     ["could not load a causal LM"]),
+    ("missing-shard", lambda t: ["--model", str(_missing_shard(_model_dir(t, "m")))],
+     ["No such file or directory", "model-00001-of-00002.safetensors"]),
+    ("broken-tokenizer-json", lambda t: ["--model", str(_write(_model_dir(t, "m"), "tokenizer.json", b"{garbage"))],
+     ["could not load a tokenizer from"]),
+    ("broken-tokenizer-config", lambda t: ["--model", str(_write(_model_dir(t, "m"), "tokenizer_config.json", b"{garbage"))],
+     ["could not load a tokenizer from"]),
+    ("custom-code-not-trusted", lambda t: ["--model", str(_config(_model_dir(t, "m"), model_type="evil", auto_map={"AutoConfig": "x.C"}))],
+     ["contains custom code", "trust_remote_code=True"]),
+    ("adapter-config-broken", lambda t: ["--adapter_path", str(_write(_adapter(t), "adapter_config.json", b"{garbage"))],
+     ["could not load the adapter", "check `adapter_path`"]),
+    ("adapter-without-weights", lambda t: ["--adapter_path", str(_rm(_adapter(t), "adapter_model.safetensors"))],
+     ["could not load the adapter"]),
+    ("adapter-truncated", lambda t: ["--adapter_path", str(_truncate(_adapter(t), "adapter_model.safetensors"))],
+     ["could not load the adapter", "Error while deserializing header"]),
+    ("adapter-unknown-type", lambda t: ["--adapter_path", str(_adapter_config(_adapter(t), peft_type="NOPE"))],
+     ["could not load the adapter"]),
+    ("adapter-targets-missing-modules", lambda t: ["--adapter_path", str(_adapter_config(_adapter(t), target_modules=["x"]))],
+     ["Target modules {{'x'}} not found in the base model"]),
+    ("lora-targets-missing-modules", lambda t: ["--lora_target_modules", "[no_such_proj]"],
+     ["could not add LoRA to", "check `lora_target_modules`"]),
 ]
+
+
+def _mkdir(path):
+    path.mkdir()
+    return path
+
+
+def _config(path, **changes):
+    _edit_json(path / "config.json", **changes)
+    return path
+
+
+def _other_shape_weights(path):
+    small = path.parent / "small"
+    tiny_llama(len(word_tokenizer(demo.WORDS)), hidden_size=32, intermediate_size=64).save_pretrained(small)
+    shutil.copy(small / "model.safetensors", path / "model.safetensors")
+    return path
+
+
+def _missing_shard(path):
+    (path / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}
+    return _write(path, "model.safetensors.index.json", json.dumps(index).encode())
+
+
+def _adapter(tmp_path):
+    """A LoRA adapter saved for the demo base model."""
+    path = tmp_path / "adapter"
+    load_policy(str(demo.base_model_path()), r=4, alpha=8).save_pretrained(path)
+    return path
+
+
+def _adapter_config(path, **changes):
+    _edit_json(path / "adapter_config.json", **changes)
+    return path
 
 
 def _rm(path, *names):
@@ -346,7 +413,7 @@ def test_tokenizer_without_pad_token_uses_eos(tmp_path, base_config, capsys, cap
 
 
 def test_every_entry_point_gets_at_least_30_cases():
-    assert len(DATA) >= 30 and len(CONFIGS) >= 30 and len(MODELS) + 1 >= 10
+    assert len(DATA) >= 30 and len(CONFIGS) >= 30 and len(MODELS) + 1 >= 30  # + the pad-token fallback
 
 
 # --- fuzzing the dataset loader ------------------------------------------------------------------

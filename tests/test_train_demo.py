@@ -34,10 +34,10 @@ def test_cpl_raises_true_reward_and_saves_adapter(tmp_path):
 @pytest.mark.slow
 def test_online_copg_raises_true_reward(tmp_path):
     config = make_config(FAST | {"trainer": "copg", "online": True, "reward": "builtin:demo", "beta": 0.05,
-                                 "num_generations": 4, "max_steps": 24, "per_device_train_batch_size": 8,
-                                 "demo_train_prompts": 192, "output_dir": str(tmp_path)})
+                                 "num_generations": 4, "max_steps": 32, "per_device_train_batch_size": 16,
+                                 "demo_train_prompts": 512, "output_dir": str(tmp_path)})
     summary = train(config)
-    assert summary["steps"] == 24
+    assert summary["steps"] == 32
     assert summary["true_reward_after"] > summary["true_reward_before"] + 0.05
     assert summary["win_rate_vs_reference"] > 0.6
 

@@ -37,7 +37,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
     _check_local(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:  # TypeError: a config.json that is not a mapping
         raise ModelLoadError(f"could not load a tokenizer from {name_or_path!r}: {err}") from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -61,7 +61,7 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError, RuntimeError) as err:  # RuntimeError: weights that do not fit config.json
         raise ModelLoadError(f"could not load a causal LM from {name_or_path!r}: {err}") from err
     except SafetensorError as err:
         raise ModelLoadError(f"could not load a causal LM from {name_or_path!r}: a weights file is damaged or "
@@ -112,9 +112,12 @@ def load_policy(
     """A LoRA policy: a new adapter, or a saved one from ``adapter_path`` (trainable)."""
     model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if adapter_path is None:
-        return wrap_lora(model, **lora_kwargs)
+        try:
+            return wrap_lora(model, **lora_kwargs)
+        except ValueError as err:
+            raise ModelLoadError(f"could not add LoRA to {name_or_path!r}: {err}; check `lora_target_modules`") from err
     try:
         return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # missing files, shapes of another base model
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:  # missing files, another base model
         raise ModelLoadError(f"could not load the adapter {adapter_path!r} onto {name_or_path!r}: "
                              f"{str(err).splitlines()[0]}; check `adapter_path` (and that it was trained on this model)") from err

@@ -2,5 +2,6 @@
 
 from align.sampling.base import Completions, Sampler, SamplingParams
 from align.sampling.hf import HFSampler
+from align.sampling.vllm import VLLMSampler  # importing it does not import vLLM
 
-__all__ = ["Completions", "HFSampler", "Sampler", "SamplingParams"]
+__all__ = ["Completions", "HFSampler", "Sampler", "SamplingParams", "VLLMSampler"]

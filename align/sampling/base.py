@@ -49,8 +49,13 @@ class Completions:
 
 
 class Sampler(Protocol):
-    """A sampling backend. ``sync_weights`` makes it sample from the current trained policy."""
+    """A sampling backend that follows the trained policy.
+
+    ``sync_weights`` is called after every optimizer step (a backend may push only every N calls);
+    ``push_weights`` pushes the current weights now (at the start of training or after a resume)."""
 
     def sample(self, prompt_ids: list[list[int]], params: SamplingParams) -> Completions: ...
 
     def sync_weights(self) -> None: ...
+
+    def push_weights(self) -> None: ...

@@ -22,6 +22,8 @@ class HFSampler:
     def sync_weights(self) -> None:
         """Nothing to do: ``generate`` runs on the trained model itself."""
 
+    push_weights = sync_weights
+
     @torch.no_grad()
     def sample(self, prompt_ids: list[list[int]], params: SamplingParams) -> Completions:
         rows = [p for p in prompt_ids for _ in range(params.n)]

@@ -65,14 +65,18 @@ class NonFiniteGuard(TrainerCallback):
 
 
 class SyncSamplerCallback(TrainerCallback):
-    """Pushes the trained weights to the sampler every ``vllm_sync_every`` optimizer steps."""
+    """Keeps the sampler on the current policy: a push when training starts (a resumed run has just
+    loaded its adapter) and ``sync_weights`` after every optimizer step (the sampler applies its own
+    ``sync_every``)."""
 
-    def __init__(self, sampler: Sampler, every: int):
-        self.sampler, self.every = sampler, every
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.sampler.push_weights()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every == 0:
-            self.sampler.sync_weights()
+        self.sampler.sync_weights()
 
 
 class AlignTrainer(Trainer):
@@ -92,7 +96,7 @@ class AlignTrainer(Trainer):
         if args.online:
             if reward_fn is None or sampler is None:
                 raise ValueError("online training needs a reward function and a sampler")
-            callbacks.append(SyncSamplerCallback(sampler, args.vllm_sync_every))
+            callbacks.append(SyncSamplerCallback(sampler))
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=GroupCollator(processing_class.pad_token_id),
                          callbacks=callbacks)
