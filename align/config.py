@@ -50,7 +50,10 @@ def parse_overrides(argv: list[str]) -> dict:
 
 
 def _scalar(text: str):
-    """YAML scalar, except that numbers YAML 1.1 leaves as strings (``3e-3``) become floats."""
+    """YAML scalar, except that numbers YAML 1.1 leaves as strings (``3e-3``) become floats and its
+    yes/no/on/off booleans stay strings (``--save_strategy no``)."""
+    if text.lower() in ("yes", "no", "on", "off", "y", "n"):
+        return text
     try:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:

@@ -153,7 +153,8 @@ def train_and_score(job: dict) -> dict:
     start, tokenizer = time.perf_counter(), load_tokenizer(job["base"])
     config = RewardConfig(**job["common"], **job["options"], seed=job["seed"])
     model = RewardTrainer.load_model(config, job["base"], tokenizer)
-    RewardTrainer(model=model, args=config, train_dataset=pairs(job["rows"], tokenizer), processing_class=tokenizer).train()
+    data = pairs(job["rows"], tokenizer)
+    RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer).train()
     rewards = pair_rewards(model, pairs(job["test_rows"], tokenizer), tokenizer.pad_token_id, batch_size=128)
     true = torch.tensor([r["chosen_reward"] - r["rejected_reward"] for r in job["test_rows"]])
     return accuracies(rewards[:, 0] - rewards[:, 1], true, job["tie_band"]) | {"seconds": time.perf_counter() - start}
@@ -176,8 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test-pairs", type=int, default=1000, help="held-out prompts (one pair each)")
     parser.add_argument("--noise", type=float, default=0.25, help="fraction of non-tie training labels flipped")
     parser.add_argument("--tie-band", type=float, default=0.05, help="|ΔR| below this: a near-tie, random label")
-    parser.add_argument("--models", type=int, default=10, help="ensemble size M for the preference strength (paper: 10)")
-    parser.add_argument("--flip-fraction", type=float, default=0.2, help="bottom strength slice flipped (paper: 0.1-0.2)")
+    parser.add_argument("--models", type=int, default=10, help="ensemble size M (paper: 10)")
+    parser.add_argument("--flip-fraction", type=float, default=0.2, help="bottom strength slice (paper: 0.1-0.2)")
     parser.add_argument("--ls-alpha", type=float, default=0.1, help="label smoothing α of the `ls` method")
     parser.add_argument("--epochs", type=float, default=2.0, help="epochs of every reward model, ensemble included")
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -200,9 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(base)
     policy = load_causal_lm(base)
     language = demo.MarkovLanguage(demo.DemoSpec())
-    sample = lambda n, seed: demo.preference_pairs(policy, tokenizer, language.prompts(n, seed=seed), seed=seed)  # noqa: E731
-    noisy, clean, masks = noisy_labels(sample(args.train_pairs, 1), noise=args.noise, tie_band=args.tie_band, seed=2)
-    test_rows = sample(args.test_pairs, 10_000)
+    train_rows, test_rows = (demo.preference_pairs(policy, tokenizer, language.prompts(n, seed=seed), seed=seed)
+                             for n, seed in ((args.train_pairs, 1), (args.test_pairs, 10_000)))
+    noisy, clean, masks = noisy_labels(train_rows, noise=args.noise, tie_band=args.tie_band, seed=2)
     del policy
     common = dict(output_dir=str(out / "work"), learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
                   per_device_eval_batch_size=128, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
@@ -212,12 +213,12 @@ def main(argv: list[str] | None = None) -> dict:
     def job(name: str, seed: int, rows: list[dict]) -> dict:
         options = {k: (args.flip_fraction if k == "flip_fraction" else args.ls_alpha) if v is None else v
                    for k, v in METHODS[name].items()}
-        return {"base": base, "common": common, "options": options, "seed": seed, "rows": clean if name == "clean" else rows,
-                "test_rows": test_rows, "tie_band": args.tie_band}
+        return {"base": base, "common": common, "options": options, "seed": seed, "test_rows": test_rows,
+                "rows": clean if name == "clean" else rows, "tie_band": args.tie_band}
 
     # The ensemble runs while the methods that need no strength train; then the ones that do.
     runs = [(seed, name) for seed in args.seeds for name in args.methods]
-    needs_strength = {name for name in args.methods if "flip_fraction" in METHODS[name] or "adaptive_margin" in METHODS[name]}
+    needs_strength = {name for name in args.methods if {"flip_fraction", "adaptive_margin"} & set(METHODS[name])}
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("fork")) as pool:
         ensemble_run = pool.submit(ensemble_strength, {"base": base, "common": common, "seed": args.seeds[0],
                                                        "rows": noisy, "models": args.models})
@@ -237,9 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
     methods = {}
     for name, results in per_seed.items():
         acc, acc_std = mean_std([r["accuracy"] for r in results])
-        methods[name] = {"accuracy": acc, "accuracy_std": acc_std,
-                         **{k: mean_std([r[k] for r in results])[0] for k in ("accuracy_clear", "accuracy_near_tie", "seconds")},
-                         "per_seed": [r["accuracy"] for r in results]}
+        methods[name] = {"accuracy": acc, "accuracy_std": acc_std, "per_seed": [r["accuracy"] for r in results]}
+        methods[name] |= {k: mean_std([r[k] for r in results])[0]
+                          for k in ("accuracy_clear", "accuracy_near_tie", "seconds")}
     result = {
         "methods": methods,
         "strength_precision": found / max(int(slice_.sum()), 1),
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
         "strength_negative_fraction": (strength < 0).float().mean().item(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "out", "workers")},
         "data": {"train_pairs": len(noisy), "flipped": int(masks["flipped"].sum()),
-                 "near_ties": int(masks["near_tie"].sum()), "test_pairs": int(sum(r["chosen_reward"] != r["rejected_reward"] for r in test_rows))},
+                 "near_ties": int(masks["near_tie"].sum()),
+                 "test_pairs": sum(r["chosen_reward"] != r["rejected_reward"] for r in test_rows)},
         "ensemble": {"seconds": ensemble["seconds"], "memory": ensemble["memory"]},
         "seconds": time.perf_counter() - start,
     }

@@ -66,6 +66,18 @@ def last_features(model, batch) -> torch.Tensor:
     return hidden[torch.arange(len(hidden)), batch["attention_mask"].sum(-1) - 1]
 
 
+def test_recipes_validate(tmp_path):
+    quick = api.load_config("configs/reward_quickstart.yaml", {"output_dir": str(tmp_path)})
+    assert isinstance(quick, RewardConfig) and quick.model == quick.dataset == "builtin:demo"
+    # the real recipe, and its denoised second step, as its header comment runs them (no download)
+    overrides = {"output_dir": str(tmp_path), "bf16": torch.cuda.is_available()}
+    hh = api.load_config("configs/reward_qwen2.5-0.5b_hh.yaml", overrides)
+    assert hh.model == "Qwen/Qwen2.5-0.5B" and hh.dataset == "Anthropic/hh-rlhf" and not hh.uses_strength
+    denoised = api.load_config("configs/reward_qwen2.5-0.5b_hh.yaml", overrides | {
+        "dataset": "strength.jsonl", "flip_fraction": 0.1, "adaptive_margin": True})
+    assert denoised.uses_strength
+
+
 # --------------------------------------------------------------------------------------------------
 # The loss the trainer computes
 
@@ -210,8 +222,9 @@ def test_metrics_accuracy_margin_and_strength_buckets(tmp_path, tiny_lm_dir):
 
 def _meta_trainer(tmp_path, base, meta_lr):
     meta = tmp_path / "meta.jsonl"
-    meta.write_text("\n".join(json.dumps({"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"], r["prompt"]]})
-                              for r in pair_rows(6, seed=5)))
+    groups = [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"], r["prompt"]]}
+              for r in pair_rows(6, seed=5)]  # k = 3 unlabelled responses per prompt
+    meta.write_text("\n".join(json.dumps(g) for g in groups))
     return make_trainer(tmp_path, base, pair_rows(8), meta_dataset=str(meta), meta_lr=meta_lr, meta_batch_size=3)
 
 
@@ -264,7 +277,8 @@ def test_metarm_takes_the_bradley_terry_gradient_at_the_ascended_parameters(tmp_
 def test_strength_ensemble_population_std_and_one_shared_base(tmp_path, tiny_lm_dir):
     trainer = make_trainer(tmp_path, tiny_lm_dir, pair_rows(16), max_steps=3)
     model, config = trainer.model, trainer.args
-    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n}
+    base = {n: p.detach().clone() for n, p in model.named_parameters()
+            if "lora_" not in n and "modules_to_save" not in n}
     n_params = sum(p.numel() for p in model.parameters())
     result = strength_ensemble(config, model, trainer.processing_class, trainer.train_dataset, num_models=3)
     diffs = result["diffs"]
@@ -291,7 +305,8 @@ def test_strength_ensemble_population_std_and_one_shared_base(tmp_path, tiny_lm_
 def test_strength_command_writes_a_dataset_the_trainer_reads(tmp_path, tiny_lm_dir):
     rows = pair_rows(12)
     data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n" + json.dumps(rows[0] | {"rejected": rows[0]["chosen"]}))
+    bad = rows[0] | {"rejected": rows[0]["chosen"]}  # identical chosen and rejected: skipped
+    data.write_text("\n".join(json.dumps(r) for r in rows + [bad]))
     config = tmp_path / "rm.yaml"
     config.write_text(yaml.safe_dump({"trainer": "reward", "model": str(tiny_lm_dir), "dataset": str(data),
                                       "output_dir": str(tmp_path / "rm"), "on_bad_row": "skip", "flip_fraction": 0.2,

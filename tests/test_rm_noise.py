@@ -31,7 +31,8 @@ def test_noisy_labels_flip_an_exact_fraction_of_the_decided_pairs():
     assert int(masks["flipped"].sum()) == round(0.25 * 9) == 2
     assert not (masks["flipped"] & masks["near_tie"]).any()
     for n, c, flipped in zip(noisy, clean, masks["flipped"].tolist()):
-        assert (n["chosen"], n["rejected"]) == ((c["rejected"], c["chosen"]) if flipped else (c["chosen"], c["rejected"]))
+        expected = (c["rejected"], c["chosen"]) if flipped else (c["chosen"], c["rejected"])
+        assert (n["chosen"], n["rejected"]) == expected
 
 
 def test_accuracies_leave_out_true_ties():
@@ -46,8 +47,8 @@ def test_accuracies_leave_out_true_ties():
 def test_small_run_writes_table_json_and_plot(tmp_path, tiny_lm_dir):
     out = tmp_path / "out"
     result = rm_noise.main(["--base", str(tiny_lm_dir), "--train-pairs", "48", "--test-pairs", "24", "--models", "2",
-                            "--epochs", "1", "--seeds", "0", "--methods", "bt", "flip", "--flip-fraction", "0.25", "--workers", "2",
-                            "--out", str(out), "--json", str(tmp_path / "r.json")])
+                            "--epochs", "1", "--seeds", "0", "--methods", "bt", "flip", "--flip-fraction", "0.25",
+                            "--workers", "2", "--out", str(out), "--json", str(tmp_path / "r.json")])
     written = json.loads((tmp_path / "r.json").read_text())
     assert set(written["methods"]) == {"bt", "flip"}
     assert all(0 <= m["accuracy"] <= 1 for m in written["methods"].values())

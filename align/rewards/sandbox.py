@@ -24,6 +24,8 @@ directory that is deleted afterwards. What is enforced:
   proxies, tokens or ``PYTHON*`` variables.
 
 ``isolation()`` tells which of the namespaces and the user switch are in effect on this machine.
+The interpreter is this one, or the system's ``python3`` when the sandbox user cannot run this one
+(``default_python()``); pass ``python=`` to choose.
 """
 
 from __future__ import annotations

@@ -13,11 +13,12 @@ Part A. Where the paper is silent, align chooses (and says so at the option):
   or the pairs with μ̂ < 0 (the "Soft Label + Margin" method of §2.5).
 * flipping (§2.4.1): the ``flip_fraction`` lowest-strength pairs of the *training set* are swapped
   once, before training (the paper flips the bottom 10-20%).
-* contrastive views (§3.1): the paper's augmentation is dropout 0.05 with two forward passes. Decoder
-  LLMs mostly have no dropout and a fresh LoRA adapter is zero (LoRA dropout changes nothing at step
-  0), so the views come from dropout p = ``contrastive_dropout`` on the token embeddings, active in both
-  passes. The Bradley-Terry loss is averaged over the two views (L_rm "on all original samples and
-  their augmentations"); SimCSE's τ is not given (default 0.05), β = 1 (App. B.2).
+* contrastive views (§3.1): the paper's augmentation is dropout 0.05, the same input passed twice.
+  Decoder LLMs mostly have no dropout and a fresh LoRA adapter is zero (LoRA dropout changes nothing at
+  step 0), so the views come from dropout p = ``contrastive_dropout`` on the token embeddings, over the
+  batch repeated twice in one forward. The features are the last-token hidden states that feed the
+  head. The Bradley-Terry loss is averaged over the two views (L_rm "on all original samples and their
+  augmentations"); SimCSE's τ is not given (default 0.05), β = 1 (App. B.2).
 * MetaRM (§3.2, Alg. 1): η, α, m and k are not given (the paper's RM learning rate is 5e-6). The outer
   step α is the optimizer's ``learning_rate``; the inner SGD ascent step η = ``meta_lr`` defaults to
   the same value; m = ``meta_batch_size`` prompts per step; k = the responses per prompt in
@@ -191,7 +192,8 @@ class RewardTrainer(AlignTrainer):
             if top.any():
                 self.strongest_threshold = float(strength[top].min())
             if args.strength_buckets > 1:
-                self.strength_edges = torch.quantile(strength, torch.arange(1, args.strength_buckets) / args.strength_buckets)
+                quantiles = torch.arange(1, args.strength_buckets) / args.strength_buckets
+                self.strength_edges = torch.quantile(strength, quantiles)
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
                          eval_dataset=eval_dataset, reward_fn=reward_fn, sampler=sampler, callbacks=callbacks)
         if args.contrastive != "none":
@@ -261,7 +263,8 @@ class RewardTrainer(AlignTrainer):
             if self.args.on_nonfinite == "stop":
                 raise FloatingPointError(f"non-finite loss at step {self.state.global_step + 1}")
             self.nonfinite_steps += 1
-            logger.warning("non-finite loss at step %d: skipped (%d so far)", self.state.global_step + 1, self.nonfinite_steps)
+            logger.warning("non-finite loss at step %d: skipped (%d so far)", self.state.global_step + 1,
+                           self.nonfinite_steps)
             return self._zero_loss(model)
         self._record(metrics)
         return (loss, None) if return_outputs else loss
@@ -316,8 +319,8 @@ class RewardTrainer(AlignTrainer):
         if not _internal_call:
             n = min(a.reward_stats_pairs, len(self.train_dataset))
             subset = [self.train_dataset[i] for i in range(n)]
-            rewards = pair_rewards(self.accelerator.unwrap_model(self.model), subset, self.processing_class.pad_token_id,
-                                   batch_size=a.per_device_eval_batch_size)
+            rewards = pair_rewards(self.accelerator.unwrap_model(self.model), subset,
+                                   self.processing_class.pad_token_id, batch_size=a.per_device_eval_batch_size)
             info |= {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
                      "stats_pairs": n}
         path = Path(output_dir or a.output_dir)
@@ -336,7 +339,8 @@ class RewardTrainer(AlignTrainer):
         diff = rewards[:, 0] - rewards[:, 1]
         true = torch.tensor([ex["scores"][0] - ex["scores"][1] for ex in data.examples])
         decided = true != 0
-        return {"heldout_pairs": len(data), "heldout_accuracy_true": ((diff > 0) == (true > 0))[decided].float().mean().item(),
+        return {"heldout_pairs": len(data),
+                "heldout_accuracy_true": ((diff > 0) == (true > 0))[decided].float().mean().item(),
                 "heldout_accuracy_labels": (diff > 0).float().mean().item()}
 
 
@@ -422,6 +426,7 @@ def strength_main(config_path: str, overrides: dict, num_models: int, out_path: 
     with open(out, "w", encoding="utf-8") as f:
         for row, mean, std in zip(kept, result["mean"].tolist(), result["std"].tolist()):
             f.write(json.dumps({**row, "strength_mean": mean, "strength_std": std}) + "\n")
+    mean = result["mean"]
     return {"pairs": len(kept), "skipped_rows": len(rows) - len(kept), "num_models": num_models, "output": str(out),
-            "strength_mean_avg": result["mean"].mean().item(), "negative_fraction": (result["mean"] < 0).float().mean().item(),
+            "strength_mean_avg": mean.mean().item(), "negative_fraction": (mean < 0).float().mean().item(),
             "memory": result["memory"], "seconds": time.perf_counter() - start}
