@@ -1,14 +1,20 @@
-"""Seconds per optimizer step, tokens/s and peak memory of align's trainers against TRL's, same model, same data.
+"""Seconds per optimizer step, tokens/s and peak memory of align's trainers against TRL's: same model, same data.
 
-    python scripts/bench_train.py [--repeats 3] [--steps 5] [--warmup 2] [--json bench_train.json]
+    python scripts/bench_train.py [--repeats 2] [--steps 2] [--warmup 1] [--json bench_train.json]
+    python scripts/bench_train.py --sweep [--json sweep.json]     # how align's step grows (docs/scaling.md)
 
-Every trainer trains the same locally built Llama (~42M parameters, weights from a config and a seed) with a LoRA
-adapter (r=16, all linear layers, no gradient checkpointing) on the same synthetic preference pairs (prompt ~32
-tokens, completions ~64, right-padded to the batch maximum), batch 8 pairs, fp32 on a CPU, bf16 on a GPU. Each
-measurement runs in its own process (so peak memory is its own), and the trainers take turns (round r runs them in
-a rotated order), so a load change on a shared machine hits all of them alike. Per measurement: the median seconds
-per optimizer step after ``--warmup`` steps, real (non-pad) tokens through the policy forward per second, and the
-peak resident memory (CPU: VmHWM, reset after warm-up; GPU: peak allocated). The table shows the median over
+Every trainer trains the same locally built Llama (42M parameters, weights from a config and a seed) with a LoRA
+adapter (r=16, all linear layers, no gradient checkpointing) on the same synthetic scored preference pairs (prompt
+~32 tokens, completions ~64, right-padded to the batch maximum), batch 8 pairs, fp32 on a CPU, bf16 on a GPU.
+TRL's DPOTrainer (sigmoid, ipo) and RewardTrainer get the model and a ``peft_config``; align's trainers are built
+by ``align.api.build_trainer``, the code of ``align train``. Each measurement runs in its own process (so its peak
+memory is its own); the runs take turns, each next to its TRL baseline, in reverse order every other round, so a
+changing load on a shared machine hits all of them alike.
+
+Per run, after ``--warmup`` steps: the median seconds per optimizer step, real (non-pad) tokens of the policy
+forward per second, the same per CPU-second of the process (all its threads: robust to other processes' load,
+which only stretches the wall time), the peak resident memory (VmHWM, reset after warm-up; on a GPU the peak
+allocated memory) and "train MB", that peak minus the memory before training. The table shows the median over
 rounds; each ratio is the median over rounds of align/TRL measured in the same round.
 """
 
@@ -18,28 +24,34 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-MODEL = dict(vocab_size=16384, hidden_size=512, layers=8, heads=8, intermediate_size=1376, max_positions=256)
-PROMPT_WORDS, COMPLETION_WORDS = (24, 40), (48, 80)  # uniform ranges: means 32 and 64 tokens (+ BOS / EOS)
+VOCAB, HIDDEN, LAYERS = 16384, 512, 8  # with LlamaConfig's other sizes below: ~42M parameters
+PROMPT_WORDS = (24, 40)  # uniform range: 32 tokens on average (+ BOS); completions: --completion-tokens ± 25%
 LORA = dict(r=16, alpha=32, target_modules="all-linear")
-MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 64
+MAX_LENGTH, MAX_PROMPT_LENGTH = 512, 64
 
-# name -> (library, trainer, loss); the TRL rows are the baselines of the ratios below.
+# name -> (library, trainer, loss); the TRL rows are the baselines of the ratios below, each run next to its own.
 RUNS = {
     "trl_dpo": ("trl", "dpo", "sigmoid"),
-    "trl_ipo": ("trl", "dpo", "ipo"),
-    "trl_reward": ("trl", "reward", None),
-    "align_cpl": ("align", "cpl", None),
     "align_dpo": ("align", "dpo", "sigmoid"),
-    "align_ipo": ("align", "dpo", "ipo"),
+    "align_cpl": ("align", "cpl", None),
     "align_copg": ("align", "copg", None),
+    "trl_ipo": ("trl", "dpo", "ipo"),
+    "align_ipo": ("align", "dpo", "ipo"),
+    "trl_reward": ("trl", "reward", None),
     "align_reward": ("align", "reward", None),
 }
+# --sweep: offline CoPG (reference forward, groups of k), one setting changed at a time from the default
+# (completion 64 tokens, batch 8 prompts, k = 2, 42M parameters); the k points use batch 4, like "batch 4".
+SWEEP = [("base", {}), ("completion_tokens", {"completion_tokens": 32}), ("completion_tokens", {"completion_tokens": 128}),
+         ("batch", {"batch": 4}), ("batch", {"batch": 16}), ("k", {"batch": 4, "k": 4}), ("k", {"batch": 4, "k": 8}),
+         ("params", {"hidden": 256, "layers": 4}), ("params", {"hidden": 768, "layers": 8})]
 RATIOS = {  # ratio name -> (align run, TRL run)
     "cpl_vs_trl_dpo": ("align_cpl", "trl_dpo"),
     "dpo_vs_trl_dpo": ("align_dpo", "trl_dpo"),
@@ -50,17 +62,23 @@ RATIOS = {  # ratio name -> (align run, TRL run)
 
 
 # --- the worker: one trainer, one process ---------------------------------------------------------------
-def synthetic_rows(n: int, vocab_words: int, seed: int) -> list[dict]:
+def synthetic_rows(n: int, vocab_words: int, completion_tokens: int, k: int, seed: int) -> list[dict]:
+    """Scored pairs (k = 2) or groups of k completions, of random words."""
     rng = random.Random(seed)
+    completion_words = (round(0.75 * completion_tokens), round(1.25 * completion_tokens) - 1)  # + EOS
 
     def text(lo_hi):
         return " ".join(f"w{rng.randrange(vocab_words)}" for _ in range(rng.randint(*lo_hi)))
 
     rows = []
     for _ in range(n):
-        prompt, chosen, rejected = text(PROMPT_WORDS), text(COMPLETION_WORDS), text(COMPLETION_WORDS)
-        rows.append({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected,
-                     "chosen_reward": rng.gauss(1, 1), "rejected_reward": rng.gauss(0, 1)})
+        prompt, completions = text(PROMPT_WORDS), [" " + text(completion_words) for _ in range(k)]
+        rewards = sorted((rng.gauss(0, 1) for _ in range(k)), reverse=True)
+        if k == 2:
+            rows.append({"prompt": prompt, "chosen": completions[0], "rejected": completions[1],
+                         "chosen_reward": rewards[0], "rejected_reward": rewards[1]})
+        else:
+            rows.append({"prompt": prompt, "completions": completions, "rewards": rewards})
     return rows
 
 
@@ -102,15 +120,15 @@ def build_trainer(name: str, args, workdir: str):
     from align.models.tiny import tiny_llama, word_tokenizer
 
     library, kind, loss = RUNS[name]
-    tokenizer = word_tokenizer([f"w{i}" for i in range(MODEL["vocab_size"] - 8)])  # + 8 special and chat tokens
-    model = tiny_llama(MODEL["vocab_size"], hidden_size=MODEL["hidden_size"], layers=MODEL["layers"],
-                       heads=MODEL["heads"], intermediate_size=MODEL["intermediate_size"],
-                       max_positions=MODEL["max_positions"], seed=0)
+    tokenizer = word_tokenizer([f"w{i}" for i in range(VOCAB - 8)])  # + 8 special and chat tokens
+    model = tiny_llama(VOCAB, hidden_size=args.hidden, layers=args.layers, heads=args.hidden // 64,
+                       intermediate_size=args.hidden * 43 // 16, max_positions=2 * MAX_LENGTH, seed=0)
     n_params = sum(p.numel() for p in model.parameters())
     model_dir = os.path.join(workdir, "model")
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    rows = synthetic_rows(args.batch * (args.warmup + args.steps), MODEL["vocab_size"] - 8, seed=args.seed)
+    rows = synthetic_rows(args.batch * (args.warmup + args.steps), VOCAB - 8, args.completion_tokens, args.k,
+                          seed=args.seed)
     cuda = args.device == "cuda"
     common = dict(output_dir=os.path.join(workdir, "out"), per_device_train_batch_size=args.batch,
                   max_steps=args.warmup + args.steps, learning_rate=1e-4, logging_steps=10_000, save_strategy="no",
@@ -118,7 +136,7 @@ def build_trainer(name: str, args, workdir: str):
                   use_cpu=not cuda)
 
     if library == "align":
-        data_path = os.path.join(workdir, "pairs.jsonl")
+        data_path = os.path.join(workdir, "data.jsonl")
         with open(data_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         extra = {"dpo": dict(loss_type=loss, beta=0.1, length_normalize=loss == "ipo"), "copg": dict(beta=0.1)}
@@ -151,12 +169,12 @@ def worker(name: str, args) -> dict:
 
     class StepClock(TrainerCallback):
         def __init__(self):
-            self.ends: list[float] = []
+            self.ends: list[tuple[float, float]] = []  # (wall, this process's CPU time: all its threads)
 
         def on_step_end(self, a, state, control, **kwargs):
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            self.ends.append(time.perf_counter())
+            self.ends.append((time.perf_counter(), time.process_time()))
             if state.global_step == args.warmup:
                 reset_peak(args.device)
 
@@ -176,13 +194,15 @@ def worker(name: str, args) -> dict:
         before_mb = memory_mb(args.device, peak=False)  # model, data and libraries: what training adds is on top
         trainer.train()
         peak = memory_mb(args.device, peak=True)
-    step_s = [b - a for a, b in zip(clock.ends[args.warmup - 1 :], clock.ends[args.warmup :])]
+    step_s, cpu_s = ([b[i] - a[i] for a, b in zip(clock.ends[args.warmup - 1 :], clock.ends[args.warmup :])]
+                     for i in (0, 1))
     timed = tokens[args.warmup :]
     real = sum(t for t, _ in timed) / len(timed)
-    median = statistics.median(step_s)
-    return {"name": name, "s_per_step": median, "tokens_per_s": real / median, "peak_mem_mb": peak,
-            "train_mem_mb": peak - before_mb, "tokens_per_step": real, "loadavg": os.getloadavg()[0], "pad_fraction": 1 - sum(t for t, _ in timed) / sum(p for _, p in timed),
-            "step_s": step_s, "params": n_params}
+    return {"name": name, "s_per_step": statistics.median(step_s), "tokens_per_s": real / statistics.median(step_s),
+            "cpu_s_per_step": statistics.median(cpu_s), "tokens_per_cpu_s": real / statistics.median(cpu_s),
+            "peak_mem_mb": peak, "train_mem_mb": peak - before_mb, "tokens_per_step": real,
+            "pad_fraction": 1 - sum(t for t, _ in timed) / sum(p for _, p in timed), "loadavg": os.getloadavg()[0],
+            "step_s": step_s, "cpu_s": cpu_s, "params": n_params}
 
 
 # --- the driver: rounds of worker processes ----------------------------------------------------------------
@@ -192,9 +212,9 @@ def available_runs() -> list[str]:
     return [n for n, (lib, kind, _) in RUNS.items() if lib == "trl" or kind in TRAINERS]
 
 
-def run_worker(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--batch", str(args.batch), "--threads", str(args.threads), "--device", args.device, "--seed", str(args.seed)]
+def run_worker(name: str, args, **overrides) -> dict:
+    settings = {k: overrides.get(k, getattr(args, k)) for k in WORKER_ARGS}
+    cmd = [sys.executable, __file__, "--worker", name] + [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -213,6 +233,8 @@ def summarise(rounds: list[dict[str, dict]]) -> dict:
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in per_round),
             "peak_mem_mb": statistics.median(m["peak_mem_mb"] for m in per_round),
             "train_mem_mb": statistics.median(m["train_mem_mb"] for m in per_round),
+            "cpu_s_per_step": statistics.median(m["cpu_s_per_step"] for m in per_round),
+            "tokens_per_cpu_s": statistics.median(m["tokens_per_cpu_s"] for m in per_round),
             "tokens_per_step": per_round[0]["tokens_per_step"],
             "pad_fraction": per_round[0]["pad_fraction"],
             "tokens_per_s_rounds": [m["tokens_per_s"] for m in per_round],
@@ -223,19 +245,48 @@ def summarise(rounds: list[dict[str, dict]]) -> dict:
         if mine in names and theirs in names:
             ratios[key] = statistics.median(r[mine]["tokens_per_s"] / r[theirs]["tokens_per_s"] for r in rounds)
             ratios[key + "_mem"] = statistics.median(r[mine]["peak_mem_mb"] / r[theirs]["peak_mem_mb"] for r in rounds)
-    return {"rows": rows, "ratios": ratios}
+            ratios[key + "_cpu"] = statistics.median(r[mine]["tokens_per_cpu_s"] / r[theirs]["tokens_per_cpu_s"]
+                                                     for r in rounds)
+    return {"rows": rows, "ratios": ratios, "rounds": rounds}
 
 
 def print_table(result: dict, header: str) -> None:
     print(header)
-    print(f"{'run':14s} {'s/step':>8s} {'tokens/s':>9s} {'peak MB':>8s} {'train MB':>8s} {'tok/step':>8s} {'pad':>5s}"
-          "  tokens/s (load avg) per round")
+    print(f"{'run':13s} {'s/step':>7s} {'tokens/s':>8s} {'CPU s/step':>10s} {'tok/CPU s':>9s} {'peak MB':>7s} "
+          f"{'train MB':>8s} {'tok/step':>8s} {'pad':>4s}  tokens/s (load average) per round")
     for r in result["rows"]:
         rounds = " ".join(f"{t:.1f} ({l:.1f})" for t, l in zip(r["tokens_per_s_rounds"], r["loadavg_rounds"]))
-        print(f"{r['name']:14s} {r['s_per_step']:8.2f} {r['tokens_per_s']:9.1f} {r['peak_mem_mb']:8.0f} "
-              f"{r['train_mem_mb']:8.0f} {r['tokens_per_step']:8.0f} {r['pad_fraction']:5.2f}  {rounds}")
-    for key, value in result["ratios"].items():
-        print(f"{key:28s} {value:.3f}")
+        print(f"{r['name']:13s} {r['s_per_step']:7.2f} {r['tokens_per_s']:8.1f} {r['cpu_s_per_step']:10.2f} "
+              f"{r['tokens_per_cpu_s']:9.1f} {r['peak_mem_mb']:7.0f} {r['train_mem_mb']:8.0f} {r['tokens_per_step']:8.0f} "
+              f"{r['pad_fraction']:4.2f}  {rounds}")
+    print("align / TRL, median over rounds of the same-round ratio:  tokens/s   tokens/CPU s   peak memory")
+    for key, (mine, theirs) in RATIOS.items():
+        if key in result["ratios"]:
+            q = result["ratios"]
+            print(f"  {key:26s} {q[key]:8.3f} {q[key + '_cpu']:14.3f} {q[key + '_mem']:13.3f}")
+
+
+def cpu_seconds() -> float:
+    """CPU time of the finished workers: on an idle machine, the wall time is about this / the cores."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+WORKER_ARGS = ("steps", "warmup", "batch", "threads", "device", "seed", "completion_tokens", "k", "hidden", "layers")
+
+
+def sweep(args) -> dict:
+    """How step time and memory grow along each axis (see SWEEP)."""
+    rows = []
+    for axis, overrides in SWEEP:
+        m = run_worker("align_copg", args, **overrides)
+        rows.append({"axis": axis, **{k: overrides.get(k, getattr(args, k)) for k in WORKER_ARGS[-4:]},
+                     "batch": overrides.get("batch", args.batch), **{k: v for k, v in m.items() if k != "name"}})
+        print(f"{axis:18s} {json.dumps(overrides):40s} params {m['params'] / 1e6:5.1f}M  rows "
+              f"{rows[-1]['batch'] * rows[-1]['k']:3d}  tokens/step {m['tokens_per_step']:6.0f}  s/step "
+              f"{m['s_per_step']:7.2f}  CPU s/step {m['cpu_s_per_step']:7.2f}  tokens/s {m['tokens_per_s']:6.1f}  peak {m['peak_mem_mb']:6.0f} MB  "
+              f"train {m['train_mem_mb']:6.0f} MB  (load {m['loadavg']:.1f})", flush=True)
+    return {"sweep": rows}
 
 
 def main() -> None:
@@ -243,11 +294,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds; every trainer runs once per round")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
-    parser.add_argument("--batch", type=int, default=8, help="preference pairs per step")
+    parser.add_argument("--batch", type=int, default=8, help="prompts (pairs) per step")
+    parser.add_argument("--completion-tokens", type=int, default=64, help="mean completion length (± 25%%)")
+    parser.add_argument("--k", type=int, default=2, help="completions per prompt (> 2: align CPL and CoPG only)")
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help="model width (heads of 64)")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="model depth")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (CPU)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=list(RUNS), help="a subset of the runs")
+    parser.add_argument("--sweep", action="store_true", help="the scaling sweep of offline CoPG instead (SWEEP)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and ratios as JSON")
     parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,20 +317,34 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args)))
         return
 
+    if args.sweep:
+        result = sweep(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return
     names = [n for n in available_runs() if not args.only or n in args.only]
+    if args.k != 2:
+        names = [n for n in names if RUNS[n][1] in ("cpl", "copg")]
     start, rounds, load_before = time.perf_counter(), [], os.getloadavg()
     for r in range(args.repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
+        order = names if r % 2 == 0 else names[::-1]  # A B B A: a steady drift in load cancels out
         rounds.append({n: run_worker(n, args) for n in order})
-        print(f"round {r + 1}/{args.repeats} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        print(f"round {r + 1}/{args.repeats} done ({time.perf_counter() - start:.0f} s, load {os.getloadavg()[0]:.1f})",
+              file=sys.stderr, flush=True)
     result = summarise(rounds)
     result["settings"] = {"device": args.device, "threads": args.threads, "batch_pairs": args.batch,
-                          "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "model": MODEL,
+                          "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+                          "model": {"vocab": VOCAB, "hidden": args.hidden, "layers": args.layers},
+                          "completion_tokens": args.completion_tokens, "k": args.k,
                           "params": rounds[0][names[0]]["params"], "lora": LORA, "max_length": MAX_LENGTH,
                           "loadavg_before": load_before, "wall_s": time.perf_counter() - start,
-                          "loadavg_after": os.getloadavg()}
-    print_table(result, f"{args.device}, {args.threads} threads, batch {args.batch} pairs, "
+                          "loadavg_after": os.getloadavg(), "cpu_s": cpu_seconds()}
+    print_table(result, f"{args.device}, {args.threads} threads, batch {args.batch} x {args.k} completions, "
                         f"{args.steps} timed steps after {args.warmup}, median of {args.repeats} rounds")
+    st = result["settings"]
+    print(f"wall {st['wall_s']:.0f} s, workers' CPU time {st['cpu_s']:.0f} s, load average "
+          f"{st['loadavg_before'][0]:.1f} -> {st['loadavg_after'][0]:.1f} on {os.cpu_count()} cores")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -334,8 +334,9 @@ def trained_rm(tmp_path_factory, tiny_lm_dir):
     root = tmp_path_factory.mktemp("rm")
     data = root / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in pair_rows(32, seed=1)))
-    config = api.make_config({"trainer": "reward", "model": str(tiny_lm_dir), "dataset": str(data),
-                              "output_dir": str(root / "rm"), "max_steps": 6, "torch_threads": 1} | QUIET)
+    config = api.make_config(QUIET | {"trainer": "reward", "model": str(tiny_lm_dir), "dataset": str(data),
+                                      "output_dir": str(root / "rm"), "max_steps": 6, "save_strategy": "steps",
+                                      "save_steps": 3, "torch_threads": 1})
     summary = api.train(config)
     assert summary["trainer"] == "reward" and summary["steps"] == 6
     return root / "rm", data
@@ -370,6 +371,13 @@ def test_saved_reward_model_scores_like_the_trained_one(trained_rm, tiny_lm_dir)
     torch.testing.assert_close(normalised, (scores - info["reward_mean"]) / info["reward_std"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="unknown option"):
         load_reward(f"rm:{path}?normalise=true")
+    # a checkpoint scores too (limits saved), but has no statistics to normalise with
+    checkpoint = json.loads((path / "checkpoint-3" / "reward_model.json").read_text())
+    assert checkpoint == {"max_length": 1024, "max_prompt_length": 512}
+    assert "reward_model.json" in json.loads((path / "checkpoint-3" / "align_checkpoint.json").read_text())["files"]
+    assert len(load_reward(f"rm:{path / 'checkpoint-3'}")(prompts[:3], completions[:3])) == 3
+    with pytest.raises(ValueError, match="statistics"):
+        load_reward(f"rm:{path / 'checkpoint-3'}?normalize=true")
     with pytest.raises(ValueError, match="adapter_config.json or config.json"):
         load_reward(f"rm:{path / 'nowhere'}")
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from align import demo
+from align import checkpoints, demo
 from align.config import ConfigError
 from align.data import DataError, ExampleDataset, GroupCollator, build_dataset, load_records
 from align.data.examples import validate_row
@@ -323,9 +323,8 @@ class RewardTrainer(AlignTrainer):
                                    self.processing_class.pad_token_id, batch_size=a.per_device_eval_batch_size)
             info |= {"reward_mean": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
                      "stats_pairs": n}
-        path = Path(output_dir or a.output_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / INFO_FILE).write_text(json.dumps(info, indent=2))
+        path = checkpoints.output_path(output_dir or a.output_dir, INFO_FILE)
+        checkpoints.write_atomic(path, json.dumps(info, indent=2))
 
     def evaluate_demo(self, prompts: list[str]) -> dict:
         """Accuracy on held-out demo pairs against the true reward (true ties left out) and against their
