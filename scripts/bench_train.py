@@ -12,10 +12,12 @@ memory is its own); the runs take turns, each next to its TRL baseline, in rever
 changing load on a shared machine hits all of them alike.
 
 Per run, after ``--warmup`` steps: the median seconds per optimizer step, real (non-pad) tokens of the policy
-forward per second, the same per CPU-second of the process (all its threads: robust to other processes' load,
-which only stretches the wall time), the peak resident memory (VmHWM, reset after warm-up; on a GPU the peak
-allocated memory) and "train MB", that peak minus the memory before training. The table shows the median over
-rounds; each ratio is the median over rounds of align/TRL measured in the same round.
+forward per second, the same per CPU-second of the process (all its threads), the peak resident memory (VmHWM,
+reset after warm-up; on a GPU the peak allocated memory) and "train MB", that peak minus the memory before
+training. The table shows the median over rounds; each ratio is the median over rounds of align/TRL measured in
+the same round. On a machine shared with other work, use ``--threads 1`` and compare tokens per CPU-second: with
+two threads, a step took 7 s when both got a core and 27 s when they shared one (spinning at every barrier), and
+its CPU time changed with it; one thread's CPU time does not depend on how often it is descheduled.
 """
 
 from __future__ import annotations
@@ -215,7 +217,10 @@ def available_runs() -> list[str]:
 def run_worker(name: str, args, **overrides) -> dict:
     settings = {k: overrides.get(k, getattr(args, k)) for k in WORKER_ARGS}
     cmd = [sys.executable, __file__, "--worker", name] + [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # A fixed mmap threshold: glibc then returns every freed block of 64 KiB or more to the system at once, so
+    # the resident memory follows the live tensors (its default adaptive threshold keeps freed blocks in the
+    # heap, which made the peak of the same run vary by ±20%).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")

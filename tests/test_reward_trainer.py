@@ -92,6 +92,20 @@ def test_plain_loss_is_bradley_terry_on_the_head_scores(tmp_path, tiny_lm_dir):
     assert r.std() > 0  # the seeded new head gives distinct rewards
 
 
+def test_the_model_is_a_function_of_the_seed(tmp_path, tiny_lm_dir):
+    tokenizer = load_tokenizer(str(tiny_lm_dir))
+
+    def weights(seed):
+        torch.manual_seed(seed + 100)  # the global RNG must not matter
+        config = RewardConfig(output_dir=str(tmp_path), seed=seed, lora_r=4)
+        return {n: p for n, p in RewardTrainer.load_model(config, str(tiny_lm_dir), tokenizer).named_parameters()}
+
+    a, b, c = weights(0), weights(0), weights(1)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    head, lora_a = "base_model.model.score.modules_to_save.default.weight", next(n for n in a if "lora_A" in n)
+    assert not torch.equal(a[head], c[head]) and not torch.equal(a[lora_a], c[lora_a])
+
+
 def test_adaptive_margin_and_smoothing_slices_apply_to_the_right_pairs(tmp_path, tiny_lm_dir):
     strengths = [-2.0, -1.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0]
     rows = pair_rows(8, strengths=strengths)

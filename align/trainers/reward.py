@@ -207,15 +207,17 @@ class RewardTrainer(AlignTrainer):
     @staticmethod
     def load_model(config: RewardConfig, model_path: str, tokenizer: PreTrainedTokenizerBase) -> PeftModel:
         """The reward model ``align train`` builds: a one-output sequence-classification model with a
-        new LoRA adapter whose saved modules include the (seeded, newly initialised) head, or a saved
-        adapter from ``adapter_path`` (trainable)."""
+        new LoRA adapter whose saved modules include the newly initialised head (both drawn from
+        ``config.seed``), or a saved adapter from ``adapter_path`` (trainable)."""
         model = load_reward_backbone(model_path, pad_token_id=tokenizer.pad_token_id, dtype=config.dtype,
                                      seed=config.seed, trust_remote_code=config.trust_remote_code)
         if config.adapter_path is not None:
             return PeftModel.from_pretrained(model, config.adapter_path, is_trainable=True)
-        return wrap_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                         target_modules=config.lora_target_modules or "all-linear",
-                         modules_to_save=[head_name(model)], task_type="SEQ_CLS")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            return wrap_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                             target_modules=config.lora_target_modules or "all-linear",
+                             modules_to_save=[head_name(model)], task_type="SEQ_CLS")
 
     # --- the loss ------------------------------------------------------------------------------
     def bt_losses(self, chosen: torch.Tensor, rejected: torch.Tensor, batch: dict) -> torch.Tensor:
