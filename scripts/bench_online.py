@@ -2,7 +2,8 @@
 
     python scripts/bench_online.py [--backends hf vllm] [--steps 3] [--warmup 1] [--json bench_online.json]
 
-Each backend trains online CoPG (``align train``'s code: ``align.api.build_trainer``) for ``--warmup`` +
+Each backend trains online CoPG (the policy, prompts and reward of ``align train``, ``align.api.build_trainer``;
+the sampler built here: ``HFSampler``, or a colocated ``VLLMSampler`` in fp32 on a CPU) for ``--warmup`` +
 ``--steps`` optimizer steps in its own process, on the built-in demo (its Markov-language policy and
 reward, or ``--model``/``--reward``), ``--batch`` prompts × ``--k`` samples of up to ``--max-new-tokens``
 tokens a step. Per timed step: sampling (``sampler.sample``), scoring (the reward function), weight sync
@@ -30,18 +31,30 @@ def worker(backend: str, args) -> dict:
     from transformers import TrainerCallback
 
     from align import api
+    from align.sampling import HFSampler
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as out:
         config = api.make_config({
-            "trainer": "copg", "online": True, "sampler": backend, "model": args.model, "dataset": args.dataset,
+            "trainer": "copg", "online": True, "model": args.model, "dataset": args.dataset,
             "reward": args.reward, "num_generations": args.k, "max_new_tokens": args.max_new_tokens,
             "per_device_train_batch_size": args.batch, "max_steps": args.warmup + args.steps,
             "demo_train_prompts": args.batch * (args.warmup + args.steps), "output_dir": out, "save_strategy": "no",
             "logging_steps": 10_000, "report_to": "none", "disable_tqdm": True, "seed": args.seed,
-            "vllm_sync": args.vllm_sync, "bf16": args.device == "cuda", "use_cpu": args.device == "cpu",
+            "bf16": args.device == "cuda", "use_cpu": args.device == "cpu",
         })
-        trainer = api.build_trainer(config)
+        # align train's policy, prompts and reward; the sampler is built here, with the engine settings below
+        built = api.build_trainer(config)
+        if backend == "hf":
+            sampler = HFSampler(built.model, built.processing_class)
+        else:
+            from align.sampling.vllm import VLLMSampler
+
+            sampler = VLLMSampler(built.model, built.processing_class, sync=args.vllm_sync,
+                                  dtype="bfloat16" if args.device == "cuda" else "float32",
+                                  max_model_len=args.max_model_len)
+        trainer = type(built)(model=built.model, args=config, train_dataset=built.train_dataset,
+                              processing_class=built.processing_class, reward_fn=built.reward_fn, sampler=sampler)
         spent = dict.fromkeys(PARTS, 0.0)
         sampled_tokens = [0]
 
@@ -82,9 +95,8 @@ def worker(backend: str, args) -> dict:
 
         trainer.add_callback(StepClock())
         trainer.train()
-        close = getattr(trainer.sampler, "close", None)
-        if close is not None:
-            close()
+        if backend == "vllm":
+            sampler.close()
     timed_steps = steps[args.warmup :]
     result = {"backend": backend}
     for key in (*PARTS, "train", "step"):
@@ -106,6 +118,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="builtin:demo", help="prompts")
     parser.add_argument("--reward", default="builtin:demo")
     parser.add_argument("--vllm-sync", choices=["merged", "adapter"], default="merged")
+    parser.add_argument("--max-model-len", type=int, default=256, help="vLLM: longest prompt + completion")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--seed", type=int, default=0)
