@@ -1,23 +1,29 @@
 """Seconds per optimizer step, tokens/s and peak memory of align's trainers against TRL's: same model, same data.
 
-    python scripts/bench_train.py [--repeats 2] [--steps 2] [--warmup 1] [--json bench_train.json]
-    python scripts/bench_train.py --sweep [--json sweep.json]     # how align's step grows (docs/scaling.md)
+    python scripts/bench_train.py [--repeats 2] [--steps 4] [--warmup 1] [--json bench_train.json]
+    python scripts/bench_train.py --sweep [--json sweep.json]     # how align's step grows (README, scaling)
 
 Every trainer trains the same locally built Llama (42M parameters, weights from a config and a seed) with a LoRA
 adapter (r=16, all linear layers, no gradient checkpointing) on the same synthetic scored preference pairs (prompt
-~32 tokens, completions ~64, right-padded to the batch maximum), batch 8 pairs, fp32 on a CPU, bf16 on a GPU.
-TRL's DPOTrainer (sigmoid, ipo) and RewardTrainer get the model and a ``peft_config``; align's trainers are built
-by ``align.api.build_trainer``, the code of ``align train``. Each measurement runs in its own process (so its peak
-memory is its own); the runs take turns, each next to its TRL baseline, in reverse order every other round, so a
-changing load on a shared machine hits all of them alike.
+~32 tokens, completions ~64 ± 25%, right-padded to the batch maximum), batch 8 pairs, fp32 on a CPU, bf16 on a
+GPU. TRL's DPOTrainer (sigmoid, ipo) and RewardTrainer get the model and a ``peft_config``; align's trainers are
+built by ``align.api.build_trainer``, the code of ``align train``, with its defaults (so batches are grouped by
+length: less padding). Each measurement runs in its own process; the runs take turns, each next to its TRL
+baseline, in reverse order every other round, so a changing load on a shared machine hits all of them alike.
 
-Per run, after ``--warmup`` steps: the median seconds per optimizer step, real (non-pad) tokens of the policy
-forward per second, the same per CPU-second of the process (all its threads), the peak resident memory (VmHWM,
-reset after warm-up; on a GPU the peak allocated memory) and "train MB", that peak minus the memory before
-training. The table shows the median over rounds; each ratio is the median over rounds of align/TRL measured in
-the same round. On a machine shared with other work, use ``--threads 1`` and compare tokens per CPU-second: with
-two threads, a step took 7 s when both got a core and 27 s when they shared one (spinning at every barrier), and
-its CPU time changed with it; one thread's CPU time does not depend on how often it is descheduled.
+Two measurements per run and round:
+- time: on ``--rows`` pairs, after ``--warmup`` steps, the median seconds per optimizer step over ``--steps``
+  steps, the real (non-pad) tokens of the policy forward per second, and the same per CPU-second of the process
+  (all its threads);
+- memory: on pairs whose prompts and completions all have the mean lengths (so every trainer's batches have one
+  shape), the peak resident memory (VmHWM) of step 2 and "train MB", that peak minus the resident memory before
+  the step (see ``start_memory_step``); and "step MB", the most tensor memory held at once during step 3 above
+  what was held at its start, from the profiler's record of every allocation (exact; the RSS varies by a few
+  percent between runs). On a GPU: the peak allocated memory.
+The table shows the median over rounds; each ratio is the median over rounds of align/TRL measured in the same
+round. On a machine shared with other work, use ``--threads 1`` and compare tokens per CPU-second: with two
+threads, a step took 7 s when both got a core and 27 s when they shared one (spinning at every barrier), and its
+CPU time changed with it; one thread's CPU time does not depend on how often it is descheduled.
 """
 
 from __future__ import annotations
@@ -64,17 +70,22 @@ RATIOS = {  # ratio name -> (align run, TRL run)
 
 
 # --- the worker: one trainer, one process ---------------------------------------------------------------
-def synthetic_rows(n: int, vocab_words: int, completion_tokens: int, k: int, seed: int) -> list[dict]:
-    """Scored pairs (k = 2) or groups of k completions, of random words."""
+def synthetic_rows(n: int, vocab_words: int, completion_tokens: int, k: int, seed: int, fixed: bool) -> list[dict]:
+    """Scored pairs (k = 2) or groups of k completions, of random words: prompts of PROMPT_WORDS words and
+    completions of ``completion_tokens`` ± 25% tokens, or with ``fixed`` exactly the mean lengths (every
+    batch then has the same shape in every trainer: the memory runs)."""
     rng = random.Random(seed)
     completion_words = (round(0.75 * completion_tokens), round(1.25 * completion_tokens) - 1)  # + EOS
+    if fixed:
+        completion_words = (completion_tokens - 1,) * 2
 
     def text(lo_hi):
         return " ".join(f"w{rng.randrange(vocab_words)}" for _ in range(rng.randint(*lo_hi)))
 
     rows = []
     for _ in range(n):
-        prompt, completions = text(PROMPT_WORDS), [" " + text(completion_words) for _ in range(k)]
+        prompt = text((sum(PROMPT_WORDS) // 2,) * 2 if fixed else PROMPT_WORDS)
+        completions = [" " + text(completion_words) for _ in range(k)]
         rewards = sorted((rng.gauss(0, 1) for _ in range(k)), reverse=True)
         if k == 2:
             rows.append({"prompt": prompt, "chosen": completions[0], "rejected": completions[1],
@@ -89,15 +100,26 @@ def proc_status_mb(key: str) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
 
 
-def reset_peak(device: str) -> None:
+def start_memory_step(device: str) -> float:
+    """Before the (untimed) memory step: on a CPU, make resident memory follow the live tensors, then reset
+    the peak; returns the memory in use before the step. glibc's adaptive mmap threshold keeps freed blocks of
+    up to 32 MiB in its heap, so the peak RSS of the very same step varied by ±20%; with a fixed 64 KiB
+    threshold every larger block goes back to the system when freed (the mmap/munmap calls cost time, hence
+    not during the timed steps)."""
+    import ctypes
+
     import torch
 
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
-            f.write("5")
+        return memory_mb(device, peak=False)
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+    return memory_mb(device, peak=False)
 
 
 def memory_mb(device: str, peak: bool) -> float:
@@ -106,6 +128,41 @@ def memory_mb(device: str, peak: bool) -> float:
     if device == "cuda":
         return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**20
     return proc_status_mb("VmHWM" if peak else "VmRSS")
+
+
+def start_tensor_profile(device: str):
+    """Starts recording every tensor allocation and free of the next step (CPU); on a GPU, resets the peak."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    profiler.start()
+    return profiler
+
+
+def tensor_peak_mb(profiler, device: str) -> float:
+    """The most tensor memory held at once during the profiled step, above what was held at its start: the
+    activations, gradients and temporaries of one step, exactly, whatever the allocator keeps cached (the
+    resident memory of the same step varies by a few percent between runs; this does not)."""
+    import torch
+    from torch._C._profiler import _EventType
+
+    if device == "cuda":
+        return (torch.cuda.max_memory_allocated() - profiler) / 2**20
+    profiler.stop()
+    allocations, stack = [], list(profiler.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            allocations.append((node.start_time_ns, node.extra_fields.alloc_size))  # frees are negative
+        stack.extend(node.children)
+    held = peak = 0
+    for _, size in sorted(allocations):
+        held += size
+        peak = max(peak, held)
+    return peak / 2**20
 
 
 def build_trainer(name: str, args, workdir: str):
@@ -129,11 +186,13 @@ def build_trainer(name: str, args, workdir: str):
     model_dir = os.path.join(workdir, "model")
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    rows = synthetic_rows(args.batch * (args.warmup + args.steps), VOCAB - 8, args.completion_tokens, args.k,
-                          seed=args.seed)
+    memory = args.measure == "memory"
+    steps = MEMORY_STEPS if memory else args.warmup + args.steps
+    rows = synthetic_rows(args.batch * steps if memory else args.rows, VOCAB - 8, args.completion_tokens, args.k,
+                          seed=args.seed, fixed=memory)
     cuda = args.device == "cuda"
     common = dict(output_dir=os.path.join(workdir, "out"), per_device_train_batch_size=args.batch,
-                  max_steps=args.warmup + args.steps, learning_rate=1e-4, logging_steps=10_000, save_strategy="no",
+                  max_steps=steps, learning_rate=1e-4, logging_steps=10_000, save_strategy="no",
                   report_to="none", disable_tqdm=True, seed=args.seed, gradient_checkpointing=False, bf16=cuda,
                   use_cpu=not cuda)
 
@@ -161,7 +220,12 @@ def build_trainer(name: str, args, workdir: str):
                       peft_config=peft_config), n_params
 
 
+MEMORY_STEPS = 3  # a first step (the optimizer state is created), one for the peak RSS, one profiled
+
+
 def worker(name: str, args) -> dict:
+    """One run of ``name`` in this process: ``--measure time`` times the steps after the warm-up; ``memory``
+    measures the peak RSS of step 2 and the peak tensor memory of step 3 (see MEMORY_STEPS)."""
     import torch
     from transformers import TrainerCallback
 
@@ -177,8 +241,15 @@ def worker(name: str, args) -> dict:
             if args.device == "cuda":
                 torch.cuda.synchronize()
             self.ends.append((time.perf_counter(), time.process_time()))
-            if state.global_step == args.warmup:
-                reset_peak(args.device)
+            if args.measure == "time":
+                return
+            if state.global_step == 1:
+                self.before_mb = start_memory_step(args.device)
+            elif state.global_step == 2:
+                self.peak_mb = memory_mb(args.device, peak=True)
+                self.profiler = start_tensor_profile(args.device)
+            elif state.global_step == 3:
+                self.step_tensor_mb = tensor_peak_mb(self.profiler, args.device)
 
     with tempfile.TemporaryDirectory() as workdir:
         trainer, n_params = build_trainer(name, args, workdir)
@@ -193,18 +264,18 @@ def worker(name: str, args) -> dict:
             return compute_loss(model, inputs, *a, **k)
 
         trainer.compute_loss = counted
-        before_mb = memory_mb(args.device, peak=False)  # model, data and libraries: what training adds is on top
         trainer.train()
-        peak = memory_mb(args.device, peak=True)
-    step_s, cpu_s = ([b[i] - a[i] for a, b in zip(clock.ends[args.warmup - 1 :], clock.ends[args.warmup :])]
-                     for i in (0, 1))
+    if args.measure == "memory":
+        return {"name": name, "peak_mem_mb": clock.peak_mb, "train_mem_mb": clock.peak_mb - clock.before_mb,
+                "step_tensor_mb": clock.step_tensor_mb, "memory_step_tokens": tokens[-1][1]}
+    ends = clock.ends[args.warmup - 1 :]
+    step_s, cpu_s = ([b[i] - a[i] for a, b in zip(ends, ends[1:])] for i in (0, 1))
     timed = tokens[args.warmup :]
     real = sum(t for t, _ in timed) / len(timed)
     return {"name": name, "s_per_step": statistics.median(step_s), "tokens_per_s": real / statistics.median(step_s),
             "cpu_s_per_step": statistics.median(cpu_s), "tokens_per_cpu_s": real / statistics.median(cpu_s),
-            "peak_mem_mb": peak, "train_mem_mb": peak - before_mb, "tokens_per_step": real,
-            "pad_fraction": 1 - sum(t for t, _ in timed) / sum(p for _, p in timed), "loadavg": os.getloadavg()[0],
-            "step_s": step_s, "cpu_s": cpu_s, "params": n_params}
+            "tokens_per_step": real, "pad_fraction": 1 - sum(t for t, _ in timed) / sum(p for _, p in timed),
+            "loadavg": os.getloadavg()[0], "step_s": step_s, "cpu_s": cpu_s, "params": n_params}
 
 
 # --- the driver: rounds of worker processes ----------------------------------------------------------------
@@ -214,17 +285,20 @@ def available_runs() -> list[str]:
     return [n for n, (lib, kind, _) in RUNS.items() if lib == "trl" or kind in TRAINERS]
 
 
-def run_worker(name: str, args, **overrides) -> dict:
+def run_worker(name: str, args, measure: str, **overrides) -> dict:
     settings = {k: overrides.get(k, getattr(args, k)) for k in WORKER_ARGS}
-    cmd = [sys.executable, __file__, "--worker", name] + [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
-    # A fixed mmap threshold: glibc then returns every freed block of 64 KiB or more to the system at once, so
-    # the resident memory follows the live tensors (its default adaptive threshold keeps freed blocks in the
-    # heap, which made the peak of the same run vary by ±20%).
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    cmd = [sys.executable, __file__, "--worker", name, f"--measure={measure}"]
+    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(name: str, args, **overrides) -> dict:
+    """Run ``name``'s time and memory measurements, each in its own process (so its peak memory is its own)."""
+    return {**run_worker(name, args, "time", **overrides), **run_worker(name, args, "memory", **overrides)}
 
 
 def summarise(rounds: list[dict[str, dict]]) -> dict:
@@ -238,6 +312,7 @@ def summarise(rounds: list[dict[str, dict]]) -> dict:
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in per_round),
             "peak_mem_mb": statistics.median(m["peak_mem_mb"] for m in per_round),
             "train_mem_mb": statistics.median(m["train_mem_mb"] for m in per_round),
+            "step_tensor_mb": statistics.median(m["step_tensor_mb"] for m in per_round),
             "cpu_s_per_step": statistics.median(m["cpu_s_per_step"] for m in per_round),
             "tokens_per_cpu_s": statistics.median(m["tokens_per_cpu_s"] for m in per_round),
             "tokens_per_step": per_round[0]["tokens_per_step"],
@@ -250,6 +325,8 @@ def summarise(rounds: list[dict[str, dict]]) -> dict:
         if mine in names and theirs in names:
             ratios[key] = statistics.median(r[mine]["tokens_per_s"] / r[theirs]["tokens_per_s"] for r in rounds)
             ratios[key + "_mem"] = statistics.median(r[mine]["peak_mem_mb"] / r[theirs]["peak_mem_mb"] for r in rounds)
+            ratios[key + "_step_mem"] = statistics.median(r[mine]["step_tensor_mb"] / r[theirs]["step_tensor_mb"]
+                                                          for r in rounds)
             ratios[key + "_cpu"] = statistics.median(r[mine]["tokens_per_cpu_s"] / r[theirs]["tokens_per_cpu_s"]
                                                      for r in rounds)
     return {"rows": rows, "ratios": ratios, "rounds": rounds}
@@ -258,17 +335,19 @@ def summarise(rounds: list[dict[str, dict]]) -> dict:
 def print_table(result: dict, header: str) -> None:
     print(header)
     print(f"{'run':13s} {'s/step':>7s} {'tokens/s':>8s} {'CPU s/step':>10s} {'tok/CPU s':>9s} {'peak MB':>7s} "
-          f"{'train MB':>8s} {'tok/step':>8s} {'pad':>4s}  tokens/s (load average) per round")
+          f"{'train MB':>8s} {'step MB':>7s} {'tok/step':>8s} {'pad':>4s}  tokens/s (load average) per round")
     for r in result["rows"]:
         rounds = " ".join(f"{t:.1f} ({l:.1f})" for t, l in zip(r["tokens_per_s_rounds"], r["loadavg_rounds"]))
         print(f"{r['name']:13s} {r['s_per_step']:7.2f} {r['tokens_per_s']:8.1f} {r['cpu_s_per_step']:10.2f} "
-              f"{r['tokens_per_cpu_s']:9.1f} {r['peak_mem_mb']:7.0f} {r['train_mem_mb']:8.0f} {r['tokens_per_step']:8.0f} "
+              f"{r['tokens_per_cpu_s']:9.1f} {r['peak_mem_mb']:7.0f} {r['train_mem_mb']:8.0f} {r['step_tensor_mb']:7.0f} "
+              f"{r['tokens_per_step']:8.0f} "
               f"{r['pad_fraction']:4.2f}  {rounds}")
-    print("align / TRL, median over rounds of the same-round ratio:  tokens/s   tokens/CPU s   peak memory")
+    print("align / TRL, median over rounds of the same-round ratio:  tokens/s   tokens/CPU s   peak RSS   step tensors")
     for key, (mine, theirs) in RATIOS.items():
         if key in result["ratios"]:
             q = result["ratios"]
-            print(f"  {key:26s} {q[key]:8.3f} {q[key + '_cpu']:14.3f} {q[key + '_mem']:13.3f}")
+            print(f"  {key:26s} {q[key]:8.3f} {q[key + '_cpu']:14.3f} {q[key + '_mem']:10.3f} "
+                  f"{q[key + '_step_mem']:14.3f}")
 
 
 def cpu_seconds() -> float:
@@ -277,28 +356,29 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-WORKER_ARGS = ("steps", "warmup", "batch", "threads", "device", "seed", "completion_tokens", "k", "hidden", "layers")
+WORKER_ARGS = ("steps", "warmup", "rows", "batch", "threads", "device", "seed", "completion_tokens", "k", "hidden", "layers")
 
 
 def sweep(args) -> dict:
     """How step time and memory grow along each axis (see SWEEP)."""
     rows = []
     for axis, overrides in SWEEP:
-        m = run_worker("align_copg", args, **overrides)
+        m = measure("align_copg", args, **overrides)
         rows.append({"axis": axis, **{k: overrides.get(k, getattr(args, k)) for k in WORKER_ARGS[-4:]},
                      "batch": overrides.get("batch", args.batch), **{k: v for k, v in m.items() if k != "name"}})
         print(f"{axis:18s} {json.dumps(overrides):40s} params {m['params'] / 1e6:5.1f}M  rows "
               f"{rows[-1]['batch'] * rows[-1]['k']:3d}  tokens/step {m['tokens_per_step']:6.0f}  s/step "
               f"{m['s_per_step']:7.2f}  CPU s/step {m['cpu_s_per_step']:7.2f}  tokens/s {m['tokens_per_s']:6.1f}  peak {m['peak_mem_mb']:6.0f} MB  "
-              f"train {m['train_mem_mb']:6.0f} MB  (load {m['loadavg']:.1f})", flush=True)
+              f"train {m['train_mem_mb']:6.0f} MB  step tensors {m['step_tensor_mb']:6.0f} MB  (load {m['loadavg']:.1f})", flush=True)
     return {"sweep": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=1, help="rounds; every trainer runs once per round")
-    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per run")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds; every trainer runs once per round")
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+    parser.add_argument("--rows", type=int, default=1600, help="rows of the synthetic dataset (time runs)")
     parser.add_argument("--batch", type=int, default=8, help="prompts (pairs) per step")
     parser.add_argument("--completion-tokens", type=int, default=64, help="mean completion length (± 25%%)")
     parser.add_argument("--k", type=int, default=2, help="completions per prompt (> 2: align CPL and CoPG only)")
@@ -311,6 +391,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="the scaling sweep of offline CoPG instead (SWEEP)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and ratios as JSON")
     parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=["time", "memory"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device is None:
         import torch
@@ -334,7 +415,7 @@ def main() -> None:
     start, rounds, load_before = time.perf_counter(), [], os.getloadavg()
     for r in range(args.repeats):
         order = names if r % 2 == 0 else names[::-1]  # A B B A: a steady drift in load cancels out
-        rounds.append({n: run_worker(n, args) for n in order})
+        rounds.append({n: measure(n, args) for n in order})
         print(f"round {r + 1}/{args.repeats} done ({time.perf_counter() - start:.0f} s, load {os.getloadavg()[0]:.1f})",
               file=sys.stderr, flush=True)
     result = summarise(rounds)

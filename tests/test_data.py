@@ -121,3 +121,52 @@ def test_collator_is_group_major_and_masks_completions(tokenizer):
         assert batch["completion_mask"][row].tolist() == [0] * len(p) + [1] * len(c) + [0] * (batch["input_ids"].shape[1] - n)
         assert batch["attention_mask"][row].sum() == n
     assert torch.all(batch["input_ids"][batch["attention_mask"] == 0] == tokenizer.pad_token_id)
+
+
+def batch_padding(order, lengths, batch_size):
+    """Pad tokens over all tokens when ``order`` is cut into batches padded to their longest row."""
+    batches = [[lengths[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    padded = sum(max(b) * len(b) for b in batches)
+    return 1 - sum(lengths) / padded
+
+
+def test_length_grouped_sampler_cuts_padding_and_keeps_randomness():
+    from align.data import LengthGroupedSampler
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(20, 200, (1000,), generator=gen).tolist()
+    sampler = LengthGroupedSampler(lengths, batch_size=8)
+    torch.manual_seed(0)
+    epoch1, epoch2 = list(sampler), list(sampler)
+    assert sorted(epoch1) == list(range(1000)) and sorted(epoch2) == list(range(1000))  # each index once
+    assert epoch1 != epoch2  # a new order every epoch
+    torch.manual_seed(0)
+    assert list(sampler) == epoch1  # from the global RNG: seeded runs (and resumes) repeat it
+    random_order = torch.randperm(1000, generator=gen).tolist()
+    assert batch_padding(random_order, lengths, 8) > 0.3  # lengths 20..200: random batches are mostly padding
+    assert batch_padding(epoch1, lengths, 8) < 0.05
+
+
+def test_trainers_group_by_length_by_default(tiny_lm_dir, tmp_path):
+    """The trainer's batches come from the length-grouped order (of the global batch); "random" turns it off."""
+    from align import api
+    from align.data import LengthGroupedSampler, padded_length
+
+    rows = [{"prompt": "the cat " * (1 + i % 7), "chosen": "sees the sun " * (1 + i % 11), "rejected": "mud"}
+            for i in range(64)]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+
+    def padding(strategy):
+        config = api.make_config({"trainer": "cpl", "model": str(tiny_lm_dir), "dataset": src, "seed": 0,
+                                  "output_dir": str(tmp_path / strategy), "per_device_train_batch_size": 4,
+                                  "gradient_accumulation_steps": 2, "train_sampling_strategy": strategy})
+        trainer = api.build_trainer(config)
+        sampler = trainer._get_train_sampler()
+        assert isinstance(sampler, LengthGroupedSampler) == (strategy == "group_by_length")
+        torch.manual_seed(0)
+        lengths = [padded_length(ex) for ex in trainer.train_dataset]
+        if strategy == "group_by_length":
+            assert sampler.batch_size == 8  # per device x processes x accumulation
+        return batch_padding(list(sampler), lengths, 4)
+
+    assert padding("group_by_length") < padding("random") / 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.trainer_pt_utils import get_length_grouped_indices
 from trl.trainer.utils import pad
 
 
@@ -46,3 +47,27 @@ class GroupCollator:
             if all(key in ex for ex in examples):
                 batch[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.float32)
         return batch
+
+
+def padded_length(example: dict) -> int:
+    """Tokens of an example's longest row, what its batch is padded to (online: its prompt alone)."""
+    return len(example["prompt_ids"]) + max(map(len, example["completion_ids"]), default=0)
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """A random order in which every run of ``batch_size`` indices has similar lengths, so batches carry
+    little padding: a random permutation, cut into mega-batches of up to 50 batches, each sorted by
+    length (transformers' ``get_length_grouped_indices``). ``batch_size`` is the global batch (every
+    process, every accumulation step): N processes x batch b then train on the rows of 1 x batch N*b.
+    Like ``RandomSampler``, each epoch draws its seed from the global torch RNG (seeded runs and resumes
+    repeat the same order)."""
+
+    def __init__(self, lengths: list[int], batch_size: int):
+        self.lengths, self.batch_size = lengths, batch_size
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))

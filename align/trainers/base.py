@@ -17,7 +17,7 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align import checkpoints
-from align.data import GroupCollator, concat_rows
+from align.data import GroupCollator, LengthGroupedSampler, concat_rows, padded_length
 from align.models import completion_logps, reference_completion_logps, sequence_logps
 from align.rewards import RewardFunction, score
 from align.sampling import Sampler, SamplingParams
@@ -107,6 +107,16 @@ class AlignTrainer(Trainer):
         self.skipped_groups = 0
         self._staging: str | None = None  # where the checkpoint being saved is written (see _save_checkpoint)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        if self.args.online:  # a prompt's length says little about its batch's (sampled) length
+            return torch.utils.data.RandomSampler(dataset)
+        a = self.args
+        return LengthGroupedSampler([padded_length(dataset[i]) for i in range(len(dataset))],
+                                    a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps)
 
     # --- the algorithm ------------------------------------------------------------------------
     def objective(self, logps: LogProbs, ref_logps: torch.Tensor | None, batch: dict) -> tuple[torch.Tensor, dict]:
