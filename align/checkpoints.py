@@ -41,6 +41,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, partial, altered or from another run; the message says which and why."""
 
 
+def cache_dir() -> Path:
+    """Where align caches what it can rebuild (the demo's base model, reference log-probs): $ALIGN_CACHE."""
+    return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
+
+
 def output_path(output_dir: str | Path, *parts: str) -> Path:
     """``output_dir/parts...``, refused if it resolves (``..``, symlinks) outside ``output_dir``."""
     root = Path(output_dir).resolve()

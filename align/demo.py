@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from align.checkpoints import cache_dir
 from align.models.tiny import tiny_llama, word_tokenizer
 from align.rewards.tasks import BAD_WORDS, GOOD_WORDS, NEUTRAL_WORDS, sentiment_reward
 from align.sampling import HFSampler, SamplingParams
@@ -45,10 +46,6 @@ class DemoSpec:
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
 
 
 class MarkovLanguage:

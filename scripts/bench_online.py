@@ -9,7 +9,9 @@ reward, or ``--model``/``--reward``), ``--batch`` prompts × ``--k`` samples of 
 tokens a step. Per timed step: sampling (``sampler.sample``), scoring (the reward function), weight sync
 (``sampler.sync_weights``: pushing the LoRA policy into vLLM; nothing for HF, which samples from the
 trained model itself) and training (the rest of the step: reference and policy forwards, backward,
-optimizer). Prints the medians and each part's share of the step, and sampled tokens/s.
+optimizer). Prints the mean of each part over the timed steps, its share of the step, and sampled tokens/s.
+``--size 512,8`` trains a larger (randomly initialised) Llama with the demo's tokenizer instead: slower steps, where
+the engines' fixed costs matter less.
 """
 
 from __future__ import annotations
@@ -99,11 +101,24 @@ def worker(backend: str, args) -> dict:
             sampler.close()
     timed_steps = steps[args.warmup :]
     result = {"backend": backend}
-    for key in (*PARTS, "train", "step"):
-        result[f"{key}_s"] = statistics.median(s[key] for s in timed_steps)
+    for key in (*PARTS, "train", "step"):  # means, so that the parts add up to the step
+        result[f"{key}_s"] = statistics.mean(s[key] for s in timed_steps)
     result["sampled_tokens_per_s"] = sum(s["tokens"] for s in timed_steps) / sum(s["sample"] for s in timed_steps)
     result["steps"] = timed_steps
     return result
+
+
+def build_model(hidden: int, layers: int, path: str) -> str:
+    from align import demo
+    from align.models import load_tokenizer
+    from align.models.tiny import tiny_llama
+
+    tokenizer = load_tokenizer(str(demo.base_model_path()))
+    model = tiny_llama(len(tokenizer), hidden_size=hidden, layers=layers, heads=hidden // 64,
+                       intermediate_size=hidden * 43 // 16, max_positions=512, seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def main() -> None:
@@ -115,10 +130,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--model", default="builtin:demo")
+    parser.add_argument("--size", metavar="HIDDEN,LAYERS", help="instead of --model: a Llama of this width and depth "
+                        "(heads of 64, random weights from a seed) with the demo's tokenizer, so the demo reward applies")
     parser.add_argument("--dataset", default="builtin:demo", help="prompts")
     parser.add_argument("--reward", default="builtin:demo")
     parser.add_argument("--vllm-sync", choices=["merged", "adapter"], default="merged")
-    parser.add_argument("--max-model-len", type=int, default=256, help="vLLM: longest prompt + completion")
+    parser.add_argument("--max-model-len", type=int, default=None, help="vLLM: longest prompt + completion (default: the model's)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--seed", type=int, default=0)
@@ -133,6 +150,9 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args)))
         return
 
+    if args.size:
+        args.model = build_model(*map(int, args.size.split(",")), tempfile.mkdtemp(prefix="bench_online_"))
+        args.size = None
     results = []
     for backend in args.backends:
         cmd = [sys.executable, __file__, "--worker", backend] + [
@@ -144,7 +164,7 @@ def main() -> None:
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"online CoPG, {args.device}: {args.batch} prompts x {args.k} samples x <= {args.max_new_tokens} tokens, "
-          f"median of {args.steps} steps after {args.warmup}")
+          f"mean of {args.steps} steps after {args.warmup}, model {args.model}")
     print(f"{'backend':8s} {'step s':>7s} " + " ".join(f"{p + ' s (%)':>15s}" for p in (*PARTS, "train"))
           + f" {'sampled tok/s':>14s}")
     for r in results:

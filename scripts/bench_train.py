@@ -50,6 +50,8 @@ RUNS = {
     "align_dpo": ("align", "dpo", "sigmoid"),
     "align_cpl": ("align", "cpl", None),
     "align_copg": ("align", "copg", None),
+    # precompute_ref_logps (only with --only: its one reference pass over all --rows pairs takes ~2 min here)
+    "align_dpo_precomputed": ("align", "dpo", "sigmoid"),
     "trl_ipo": ("trl", "dpo", "ipo"),
     "align_ipo": ("align", "dpo", "ipo"),
     "trl_reward": ("trl", "reward", None),
@@ -203,8 +205,13 @@ def build_trainer(name: str, args, workdir: str):
         extra = {"dpo": dict(loss_type=loss, beta=0.1, length_normalize=loss == "ipo"), "copg": dict(beta=0.1)}
         config = api.make_config({"trainer": kind, "model": model_dir, "dataset": data_path, "lora_r": LORA["r"],
                                   "lora_alpha": LORA["alpha"], "max_length": MAX_LENGTH,
-                                  "max_prompt_length": MAX_PROMPT_LENGTH, **extra.get(kind, {}), **common})
-        return api.build_trainer(config), n_params
+                                  "max_prompt_length": MAX_PROMPT_LENGTH, **extra.get(kind, {}), **common,
+                                  "precompute_ref_logps": name.endswith("_precomputed")})
+        os.environ["ALIGN_CACHE"] = workdir  # a fresh cache: the precomputation is timed, not read from disk
+        start = time.perf_counter()
+        trainer = api.build_trainer(config)
+        trainer.setup_s = time.perf_counter() - start  # model and data loading, + the reference pass if precomputed
+        return trainer, n_params
 
     data = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=LORA["target_modules"],
@@ -272,7 +279,8 @@ def worker(name: str, args) -> dict:
     step_s, cpu_s = ([b[i] - a[i] for a, b in zip(ends, ends[1:])] for i in (0, 1))
     timed = tokens[args.warmup :]
     real = sum(t for t, _ in timed) / len(timed)
-    return {"name": name, "s_per_step": statistics.median(step_s), "tokens_per_s": real / statistics.median(step_s),
+    return {"name": name, "setup_s": getattr(trainer, "setup_s", None),
+            "s_per_step": statistics.median(step_s), "tokens_per_s": real / statistics.median(step_s),
             "cpu_s_per_step": statistics.median(cpu_s), "tokens_per_cpu_s": real / statistics.median(cpu_s),
             "tokens_per_step": real, "pad_fraction": 1 - sum(t for t, _ in timed) / sum(p for _, p in timed),
             "loadavg": os.getloadavg()[0], "step_s": step_s, "cpu_s": cpu_s, "params": n_params}
@@ -309,6 +317,7 @@ def summarise(rounds: list[dict[str, dict]]) -> dict:
         rows.append({
             "name": n,
             "s_per_step": statistics.median(m["s_per_step"] for m in per_round),
+            "setup_s": None if per_round[0]["setup_s"] is None else statistics.median(m["setup_s"] for m in per_round),
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in per_round),
             "peak_mem_mb": statistics.median(m["peak_mem_mb"] for m in per_round),
             "train_mem_mb": statistics.median(m["train_mem_mb"] for m in per_round),
@@ -334,11 +343,12 @@ def summarise(rounds: list[dict[str, dict]]) -> dict:
 
 def print_table(result: dict, header: str) -> None:
     print(header)
-    print(f"{'run':13s} {'s/step':>7s} {'tokens/s':>8s} {'CPU s/step':>10s} {'tok/CPU s':>9s} {'peak MB':>7s} "
+    print(f"{'run':21s} {'setup s':>7s} {'s/step':>7s} {'tokens/s':>8s} {'CPU s/step':>10s} {'tok/CPU s':>9s} {'peak MB':>7s} "
           f"{'train MB':>8s} {'step MB':>7s} {'tok/step':>8s} {'pad':>4s}  tokens/s (load average) per round")
     for r in result["rows"]:
         rounds = " ".join(f"{t:.1f} ({l:.1f})" for t, l in zip(r["tokens_per_s_rounds"], r["loadavg_rounds"]))
-        print(f"{r['name']:13s} {r['s_per_step']:7.2f} {r['tokens_per_s']:8.1f} {r['cpu_s_per_step']:10.2f} "
+        setup = "" if r["setup_s"] is None else f"{r['setup_s']:.1f}"
+        print(f"{r['name']:21s} {setup:>7s} {r['s_per_step']:7.2f} {r['tokens_per_s']:8.1f} {r['cpu_s_per_step']:10.2f} "
               f"{r['tokens_per_cpu_s']:9.1f} {r['peak_mem_mb']:7.0f} {r['train_mem_mb']:8.0f} {r['step_tensor_mb']:7.0f} "
               f"{r['tokens_per_step']:8.0f} "
               f"{r['pad_fraction']:4.2f}  {rounds}")
@@ -409,7 +419,8 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
         return
-    names = [n for n in available_runs() if not args.only or n in args.only]
+    names = [n for n in available_runs() if n in args.only] if args.only else [
+        n for n in available_runs() if not n.endswith("_precomputed")]
     if args.k != 2:
         names = [n for n in names if RUNS[n][1] in ("cpl", "copg")]
     start, rounds, load_before = time.perf_counter(), [], os.getloadavg()

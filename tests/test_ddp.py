@@ -29,7 +29,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-TRAINERS = {"cpl": {"alpha": 0.5}, "dpo": {"beta": 0.5}, "copg": {"beta": 0.5}, "reward": {}}
+TRAINERS = {"cpl": {"alpha": 0.5}, "dpo": {"beta": 0.5}, "copg": {"beta": 0.5}, "reward": {},
+            # reference log-probs computed by rank 0 before training, read from its cache by rank 1
+            "dpo_precomputed": {"trainer": "dpo", "beta": 0.5, "precompute_ref_logps": True}}
 BATCH, STEPS = 4, 3  # per process; 2 processes × 4 = 8 pairs a step
 COMMON = {"lora_r": 4, "lora_alpha": 8, "optim": "sgd", "learning_rate": 0.5, "lr_scheduler_type": "constant",
           "max_grad_norm": 1.0, "max_steps": STEPS, "logging_steps": 1, "save_steps": STEPS, "torch_threads": 1,

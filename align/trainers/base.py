@@ -17,11 +17,12 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align import checkpoints
-from align.data import GroupCollator, LengthGroupedSampler, concat_rows, padded_length
+from align.data import ExampleDataset, GroupCollator, LengthGroupedSampler, concat_rows, padded_length
 from align.models import completion_logps, reference_completion_logps, sequence_logps
 from align.rewards import RewardFunction, score
 from align.sampling import Sampler, SamplingParams
 from align.trainers.config import AlignConfig
+from align.trainers.reference import cached_reference_logps
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,28 @@ class AlignTrainer(Trainer):
         self.skipped_groups = 0
         self._staging: str | None = None  # where the checkpoint being saved is written (see _save_checkpoint)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if args.precompute_ref_logps and self.needs_reference:
+            self.train_dataset = self._with_reference_logps(self.train_dataset)
+            if self.eval_dataset is not None:
+                self.eval_dataset = self._with_reference_logps(self.eval_dataset)
+
+    def _with_reference_logps(self, dataset: ExampleDataset) -> ExampleDataset:
+        """The examples with their reference log-probs (``ref_logps``, read by the collator), from the cache
+        or one no-grad pass (rank 0 first; the other ranks then read its cache)."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError("precompute_ref_logps runs before the model is sharded, so not with FSDP or DeepSpeed; "
+                             "leave it off there (the reference forward then runs every step)")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.accelerator.main_process_first():
+                logps = cached_reference_logps(self.model, dataset, self.processing_class.pad_token_id,
+                                               batch_size=self.args.per_device_eval_batch_size,
+                                               length_normalize=self.args.length_normalize)
+        finally:
+            self.model.train(was_training)
+        examples = [{**dataset[i], "ref_logps": row} for i, row in enumerate(logps.tolist())]
+        return ExampleDataset(examples, dataset.stats)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset

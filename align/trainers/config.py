@@ -30,6 +30,7 @@ class AlignConfig(TrainingArguments):
     max_prompt_length: int = field(default=512, metadata={"help": "Max prompt tokens; longer prompts keep their last tokens."})
     on_bad_row: str = field(default="error", metadata={"help": "error: stop at the first bad row (file, row, field named); skip: drop and count."})
     length_normalize: bool = field(default=False, metadata={"help": "Average instead of sum token log-probs per completion."})
+    precompute_ref_logps: bool = field(default=False, metadata={"help": "Offline: compute the reference log-probs of the dataset once before training (cached in $ALIGN_CACHE/ref_logps) instead of a reference forward every step."})
     # --- on-policy sampling (online training) -------------------------------------------------
     online: bool = field(default=False, metadata={"help": "Sample completions from the current policy every step and score them with `reward`."})
     reward: str | None = field(default=None, metadata={"help": "builtin:<task>, module:function, rm:<reward model dir>, or sandbox:module:function (programs run sandboxed, see align.rewards.sandbox)."})
@@ -102,3 +103,5 @@ class AlignConfig(TrainingArguments):
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if self.online and not self.reward:
             raise ValueError("online=true needs a `reward` (builtin:<task>, module:function or rm:<dir>)")
+        if self.online and self.precompute_ref_logps:
+            raise ValueError("precompute_ref_logps is for offline data; online, every batch is sampled afresh")

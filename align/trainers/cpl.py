@@ -35,9 +35,9 @@ class CPLConfig(AlignConfig):
 class CPLTrainer(AlignTrainer):
     """Pairs use ``cpl_loss``; groups of K > 2 scored responses use the all-pairs ``cpl_ranked_loss``."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.needs_reference = self.args.use_reference
+    @property
+    def needs_reference(self) -> bool:
+        return self.args.use_reference
 
     def objective(self, logps: LogProbs, ref_logps: torch.Tensor | None, batch: dict):
         a = self.args
