@@ -61,7 +61,8 @@ RUNS = {
 # (completion 64 tokens, batch 8 prompts, k = 2, 42M parameters); the k points use batch 4, like "batch 4".
 SWEEP = [("base", {}), ("completion_tokens", {"completion_tokens": 32}), ("completion_tokens", {"completion_tokens": 128}),
          ("batch", {"batch": 4}), ("batch", {"batch": 16}), ("k", {"batch": 4, "k": 4}), ("k", {"batch": 4, "k": 8}),
-         ("params", {"hidden": 256, "layers": 4}), ("params", {"hidden": 768, "layers": 8})]
+         ("params", {"hidden": 256, "layers": 4}), ("params", {"hidden": 768, "layers": 8}),
+         ("params", {"hidden": 1024, "layers": 8})]
 RATIOS = {  # ratio name -> (align run, TRL run)
     "cpl_vs_trl_dpo": ("align_cpl", "trl_dpo"),
     "dpo_vs_trl_dpo": ("align_dpo", "trl_dpo"),
@@ -262,12 +263,13 @@ def worker(name: str, args) -> dict:
         trainer, n_params = build_trainer(name, args, workdir)
         clock = StepClock()
         trainer.add_callback(clock)
-        tokens: list[tuple[int, int]] = []  # (real, padded) tokens of each policy forward batch
+        tokens: list[tuple[int, int, int]] = []  # (real, padded, completion) tokens of each policy forward batch
         compute_loss = trainer.compute_loss
 
         def counted(model, inputs, *a, **k):
             mask = inputs["attention_mask"]
-            tokens.append((int(mask.sum()), mask.numel()))
+            completion = int(inputs["completion_mask"].sum()) if "completion_mask" in inputs else 0
+            tokens.append((int(mask.sum()), mask.numel(), completion))
             return compute_loss(model, inputs, *a, **k)
 
         trainer.compute_loss = counted
@@ -278,11 +280,12 @@ def worker(name: str, args) -> dict:
     ends = clock.ends[args.warmup - 1 :]
     step_s, cpu_s = ([b[i] - a[i] for a, b in zip(ends, ends[1:])] for i in (0, 1))
     timed = tokens[args.warmup :]
-    real = sum(t for t, _ in timed) / len(timed)
+    real, padded, completion = (statistics.mean(t[i] for t in timed) for i in range(3))
     return {"name": name, "setup_s": getattr(trainer, "setup_s", None),
             "s_per_step": statistics.median(step_s), "tokens_per_s": real / statistics.median(step_s),
             "cpu_s_per_step": statistics.median(cpu_s), "tokens_per_cpu_s": real / statistics.median(cpu_s),
-            "tokens_per_step": real, "pad_fraction": 1 - sum(t for t, _ in timed) / sum(p for _, p in timed),
+            "tokens_per_step": real, "padded_tokens_per_step": padded, "completion_tokens_per_step": completion,
+            "pad_fraction": 1 - real / padded,
             "loadavg": os.getloadavg()[0], "step_s": step_s, "cpu_s": cpu_s, "params": n_params}
 
 
@@ -369,17 +372,36 @@ def cpu_seconds() -> float:
 WORKER_ARGS = ("steps", "warmup", "rows", "batch", "threads", "device", "seed", "completion_tokens", "k", "hidden", "layers")
 
 
+def step_flops(hidden: int, layers: int, rows: int, padded_tokens: float, completion_tokens: float) -> float:
+    """FLOPs of one offline CoPG step (README, scaling notes): the policy's forward (2 per weight and token) and
+    backward (2: input gradients only, the base weights are frozen; LoRA's r << width adds ~2%), the
+    reference forward (2), over every padded token; the LM head over the completion tokens only; attention
+    (4·T·width per token and layer forward, 8 backward, 4 reference; T the padded row length)."""
+    d_ff = hidden * 43 // 16
+    linear = layers * (4 * hidden**2 + 3 * hidden * d_ff)
+    width = padded_tokens / rows
+    return 6 * linear * padded_tokens + 6 * hidden * VOCAB * completion_tokens + 16 * layers * hidden * width * padded_tokens
+
+
 def sweep(args) -> dict:
-    """How step time and memory grow along each axis (see SWEEP)."""
+    """How step time and memory grow along each axis (see SWEEP), against the formulas of the README: the
+    CPU's achieved FLOP/s under ``step_flops`` (constant if the formula captures the growth), and the
+    activation bytes per token, layer and unit of width (constant if memory grows as tokens x layers x width)."""
     rows = []
+    print(f"{'axis':17s} {'setting':38s} {'params':>7s} {'rows':>4s} {'tokens':>6s} {'s/step':>7s} {'GFLOP/s':>7s} "
+          f"{'peak MB':>7s} {'step MB':>7s} {'B/(tok·L·d)':>11s}")
     for axis, overrides in SWEEP:
         m = measure("align_copg", args, **overrides)
-        rows.append({"axis": axis, **{k: overrides.get(k, getattr(args, k)) for k in WORKER_ARGS[-4:]},
-                     "batch": overrides.get("batch", args.batch), **{k: v for k, v in m.items() if k != "name"}})
-        print(f"{axis:18s} {json.dumps(overrides):40s} params {m['params'] / 1e6:5.1f}M  rows "
-              f"{rows[-1]['batch'] * rows[-1]['k']:3d}  tokens/step {m['tokens_per_step']:6.0f}  s/step "
-              f"{m['s_per_step']:7.2f}  CPU s/step {m['cpu_s_per_step']:7.2f}  tokens/s {m['tokens_per_s']:6.1f}  peak {m['peak_mem_mb']:6.0f} MB  "
-              f"train {m['train_mem_mb']:6.0f} MB  step tensors {m['step_tensor_mb']:6.0f} MB  (load {m['loadavg']:.1f})", flush=True)
+        setting = {k: overrides.get(k, getattr(args, k)) for k in ("batch", "k", "completion_tokens", "hidden", "layers")}
+        n_rows = setting["batch"] * setting["k"]
+        flops = step_flops(setting["hidden"], setting["layers"], n_rows, m["padded_tokens_per_step"],
+                           m["completion_tokens_per_step"])
+        bytes_per = m["step_tensor_mb"] * 2**20 / (m["memory_step_tokens"] * setting["layers"] * setting["hidden"])
+        rows.append({"axis": axis, **setting, **{k: v for k, v in m.items() if k != "name"}, "step_flops": flops,
+                     "gflop_per_s": flops / m["s_per_step"] / 1e9, "activation_bytes_per_token_layer_width": bytes_per})
+        print(f"{axis:17s} {json.dumps(overrides):38s} {m['params'] / 1e6:6.1f}M {n_rows:4d} {m['tokens_per_step']:6.0f} "
+              f"{m['s_per_step']:7.2f} {rows[-1]['gflop_per_s']:7.1f} {m['peak_mem_mb']:7.0f} {m['step_tensor_mb']:7.0f} "
+              f"{bytes_per:11.1f}", flush=True)
     return {"sweep": rows}
 
 

@@ -124,6 +124,10 @@ def test_two_processes_equal_one_process_with_double_batch(tiny_lm_dir, tmp_path
         assert loss == pytest.approx([h["loss"] for h in one[2 * BATCH]], abs=2e-5), (name, two, one[2 * BATCH])
         assert max(abs(a - h["loss"]) for a, h in zip(loss, one[BATCH])) > 1e-3, name  # steps saw 2b pairs, not b
         for step_two, step_one in zip(two, one[2 * BATCH]):  # metrics of the whole batch, not rank 0's half
+            if name == "dpo_precomputed":  # at step 1 the policy is the reference: the implicit rewards are
+                # ~1e-7 of rounding (reference and policy ran in other batches), so their order is noise
+                step_two, step_one = ({k: v for k, v in h.items() if k != "rewards/accuracies"}
+                                      for h in (step_two, step_one))
             assert step_two == pytest.approx(step_one, rel=1e-4, abs=2e-5), name
 
         out = tmp_path / "ddp" / name

@@ -59,3 +59,29 @@ def test_reference_is_base_model_and_only_lora_params_train(tiny_lm_dir):
     policy = completion_logps(model, **batch)
     assert (policy - reference).abs().max() > 1e-3  # the adapter did change the policy
     assert reference.grad_fn is None
+
+
+def test_completion_logps_and_gradients_exact_across_vocabulary_tiles(tmp_path):
+    """A vocabulary of 2.5 CPU tiles: the tiled head's log-probs and gradients equal full-logits ones, and
+    TRL's tile width is set only during the forward (and still exists: a TRL upgrade that drops it fails here)."""
+    import trl.trainer.utils as trl_utils
+
+    from align.models.logprobs import CPU_VOCAB_TILE
+    from align.models.tiny import tiny_llama
+
+    default = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    vocab = CPU_VOCAB_TILE * 5 // 2
+    tiny_llama(vocab, hidden_size=32, intermediate_size=64, seed=0).save_pretrained(tmp_path)
+    model = load_causal_lm(str(tmp_path))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (3, 5)]
+    completions = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (6, 2)]
+    batch = concat_rows(prompts, completions, pad_token_id=0)
+    tiled = sequence_logps(completion_logps(model, **batch), batch["completion_mask"])
+    grads = torch.autograd.grad(tiled.sum(), [model.lm_head.weight, model.model.embed_tokens.weight])
+    naive = torch.stack([_naive_logps(model, p, c) for p, c in zip(prompts, completions)])
+    expected = torch.autograd.grad(naive.sum(), [model.lm_head.weight, model.model.embed_tokens.weight])
+    torch.testing.assert_close(tiled, naive, atol=1e-5, rtol=0)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == default
