@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "align_checkpoint.json"
 TMP_PREFIX = ".tmp-"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+DERIVED_FIELDS = ("ref_logps",)  # computed from the data and the base model (precompute_ref_logps): not data
 
 
 class CheckpointError(RuntimeError):
@@ -86,7 +87,8 @@ def data_fingerprint(dataset, samples: int = 1024) -> str:
     n = len(dataset)
     digest = hashlib.sha256(str(n).encode())
     for i in sorted({k * n // samples for k in range(min(n, samples))}):
-        digest.update(json.dumps(dataset[i], sort_keys=True).encode())
+        example = {k: v for k, v in dataset[i].items() if k not in DERIVED_FIELDS}
+        digest.update(json.dumps(example, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -111,6 +113,18 @@ def commit(staged: Path, final: Path) -> None:
     os.replace(staged, final)
     _fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(staged: Path, final: Path) -> None:
+    """Move every file of the complete directory ``staged`` into ``final``, each by one atomic rename: after a
+    crash, every file there is whole, the earlier run's or this one's. Then remove ``staged``."""
+    for path in sorted(p for p in staged.rglob("*") if p.is_file()):
+        _fsync(path)
+        target = final / path.relative_to(staged)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    _fsync(final)
+    shutil.rmtree(staged, ignore_errors=True)
 
 
 def verify(checkpoint: str | Path) -> dict:

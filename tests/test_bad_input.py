@@ -142,6 +142,12 @@ CONFIGS = [
      ["unknown built-in reward 'nope'"]),
     ("reward-module-missing", {"trainer": "copg", "online": True, "reward": "no_such_module:score"}, [],
      ["reward 'no_such_module:score': cannot import module 'no_such_module'"]),
+    ("reward-model-missing", {"trainer": "copg", "online": True, "reward": "rm:no_such_rm"}, [],
+     ["reward model 'no_such_rm': no adapter_config.json or config.json"]),
+    ("reward-model-bad-option", {"trainer": "copg", "online": True, "reward": "rm:no_such_rm?normalise=1"}, [],
+     ["unknown option(s) ['normalise']"]),
+    ("precompute-online", {"trainer": "copg", "online": True, "reward": "builtin:demo", "precompute_ref_logps": True},
+     [], ["precompute_ref_logps is for offline data"]),
     ("empty-output-dir", {"output_dir": ""}, [], ["output_dir is required"]),
     ("resume-dir-missing", {}, ["--resume", "{tmp}/no/such/checkpoint-4"], ["checkpoint {tmp}/no/such/checkpoint-4 does not exist"]),
 ]

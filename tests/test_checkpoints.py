@@ -179,6 +179,38 @@ def test_failed_save_keeps_the_last_good_checkpoint(trained_run, tmp_path, monke
     record_property("data_lost", 0)
 
 
+def test_failed_final_save_keeps_the_earlier_adapter(trained_run, tmp_path, monkeypatch, record_property):
+    """The final adapter is written beside the output directory and moved in file by file: a save that fails
+    half-way leaves the earlier run's adapter whole; the next one replaces it and leaves nothing behind."""
+    import peft.peft_model
+
+    config, trained = trained_run
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(trained / name, out / name)
+    earlier = (out / "adapter_model.safetensors").read_bytes()
+    real_save = peft.peft_model.safe_save_file
+
+    def disk_full(tensors, filename, *args, **kwargs):
+        with open(filename, "wb") as partial:
+            partial.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
+    overrides = {"output_dir": str(out), "save_strategy": "no", "seed": 1}
+    with pytest.raises(OSError, match="No space left"):
+        api.train(api.load_config(str(config), overrides))
+    assert (out / "adapter_model.safetensors").read_bytes() == earlier
+    load_file(out / "adapter_model.safetensors")  # whole
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", real_save)
+    api.train(api.load_config(str(config), overrides))
+    assert (out / "adapter_model.safetensors").read_bytes() != earlier
+    load_file(out / "adapter_model.safetensors")
+    assert not list(out.glob(checkpoints.TMP_PREFIX + "*"))
+    record_property("data_lost", 0)
+
+
 def test_rotation_keeps_the_newest_and_the_protected(tmp_path):
     for step in (2, 4, 6, 8):
         (tmp_path / f"checkpoint-{step}").mkdir()

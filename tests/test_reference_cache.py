@@ -92,3 +92,13 @@ def test_online_refuses_precompute(tmp_path):
     with pytest.raises(ValueError, match="precompute_ref_logps is for offline data"):
         api.make_config({"trainer": "copg", "online": True, "reward": "builtin:demo", "precompute_ref_logps": True,
                          "output_dir": str(tmp_path)})
+
+
+def test_precomputed_reference_is_not_data_to_resume_checks(tiny_lm_dir, data, tmp_path):
+    """A run checkpointed with precompute_ref_logps resumes without it (and back): same data fingerprint."""
+    from align import checkpoints
+
+    with_ref = trainer_for(tiny_lm_dir, data, tmp_path, precompute_ref_logps=True)
+    without = trainer_for(tiny_lm_dir, data, tmp_path)
+    assert "ref_logps" in with_ref.train_dataset[0] and "ref_logps" not in without.train_dataset[0]
+    assert checkpoints.data_fingerprint(with_ref.train_dataset) == checkpoints.data_fingerprint(without.train_dataset)

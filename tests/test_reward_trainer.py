@@ -14,7 +14,8 @@ from align import api
 from align.data import DataError, build_dataset
 from align.models import load_tokenizer
 from align.objectives import bradley_terry_loss, difference_views, flip_mask, metarm_difference, simcse_loss
-from align.rewards import load_reward
+
+from align.rewards import RewardError, load_reward
 from align.rewards.model import RewardModelReward, reward_forward
 from align.rewards.tasks import BAD_WORDS, GOOD_WORDS, NEUTRAL_WORDS, sentiment_reward
 from align.trainers.reward import RewardConfig, RewardTrainer, pair_rewards, strength_ensemble
@@ -383,16 +384,18 @@ def test_saved_reward_model_scores_like_the_trained_one(trained_rm, tiny_lm_dir)
     torch.testing.assert_close(torch.tensor(one_by_one), scores[:5], atol=1e-5, rtol=1e-5)
     normalised = torch.tensor(load_reward(f"rm:{path}?normalize=true&batch_size=7")(prompts, completions))
     torch.testing.assert_close(normalised, (scores - info["reward_mean"]) / info["reward_std"], atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(RewardError, match="unknown option"):
         load_reward(f"rm:{path}?normalise=true")
+    with pytest.raises(RewardError, match="batch_size must be a positive integer"):
+        load_reward(f"rm:{path}?batch_size=many")
     # a checkpoint scores too (limits saved), but has no statistics to normalise with
     checkpoint = json.loads((path / "checkpoint-3" / "reward_model.json").read_text())
     assert checkpoint == {"max_length": 1024, "max_prompt_length": 512}
     assert "reward_model.json" in json.loads((path / "checkpoint-3" / "align_checkpoint.json").read_text())["files"]
     assert len(load_reward(f"rm:{path / 'checkpoint-3'}")(prompts[:3], completions[:3])) == 3
-    with pytest.raises(ValueError, match="statistics"):
+    with pytest.raises(RewardError, match="statistics"):
         load_reward(f"rm:{path / 'checkpoint-3'}?normalize=true")
-    with pytest.raises(ValueError, match="adapter_config.json or config.json"):
+    with pytest.raises(RewardError, match="adapter_config.json or config.json"):
         load_reward(f"rm:{path / 'nowhere'}")
 
 

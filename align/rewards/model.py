@@ -20,6 +20,8 @@ from peft import PeftModel
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from align.rewards.base import RewardError
+
 INFO_FILE = "reward_model.json"
 HEAD_NAMES = ("score", "classifier")  # decoder LMs name the head `score`; encoders `classifier`
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,7 +103,7 @@ def load_reward_model(path: str | Path, *, dtype: str = "float32",
     path = Path(path).expanduser()
     adapter_config = path / "adapter_config.json"
     if not adapter_config.exists() and not (path / "config.json").exists():
-        raise ValueError(f"reward model {str(path)!r}: no adapter_config.json or config.json; expected a directory "
+        raise RewardError(f"reward model {str(path)!r}: no adapter_config.json or config.json; expected a directory "
                          "written by `align train` with `trainer: reward`")
     base = json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.exists() else str(path)
     tokenizer = AutoTokenizer.from_pretrained(path if (path / "tokenizer_config.json").exists() else base,
@@ -123,10 +125,10 @@ class RewardModelReward:
     def __init__(self, path: str | Path, *, normalize: bool = False, batch_size: int = 32,
                  device: str | None = None, dtype: str = "float32"):
         if batch_size < 1:
-            raise ValueError(f"reward model batch_size must be >= 1, got {batch_size}")
+            raise RewardError(f"reward model batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.info = load_reward_model(path, dtype=dtype)
         if normalize and not {"reward_mean", "reward_std"} <= set(self.info):
-            raise ValueError(f"reward model {str(path)!r}: normalize needs the training reward statistics in "
+            raise RewardError(f"reward model {str(path)!r}: normalize needs the training reward statistics in "
                              f"{INFO_FILE} (written when `align train` ends, not in intermediate checkpoints)")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
@@ -141,14 +143,16 @@ class RewardModelReward:
         options = dict(parse_qsl(query, strict_parsing=bool(query)))
         unknown = set(options) - {"normalize", "batch_size", "device", "dtype"}
         if unknown:
-            raise ValueError(f"reward rm:{spec}: unknown option(s) {sorted(unknown)}; "
+            raise RewardError(f"reward rm:{spec}: unknown option(s) {sorted(unknown)}; "
                              "known: normalize, batch_size, device, dtype")
         kwargs = {}
         if "normalize" in options:
             if options["normalize"].lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"reward rm:{spec}: normalize must be true or false")
+                raise RewardError(f"reward rm:{spec}: normalize must be true or false")
             kwargs["normalize"] = options["normalize"].lower() in ("true", "1")
         if "batch_size" in options:
+            if not options["batch_size"].isdigit():
+                raise RewardError(f"reward rm:{spec}: batch_size must be a positive integer")
             kwargs["batch_size"] = int(options["batch_size"])
         for key in ("device", "dtype"):
             if key in options:

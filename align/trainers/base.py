@@ -254,6 +254,20 @@ class AlignTrainer(Trainer):
         best = self.state.best_model_checkpoint
         checkpoints.rotate(run_dir, self.args.save_total_limit, {final} | ({Path(best)} if best else set()))
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The final save is written beside ``output_dir`` and moved in file by file, so a crash leaves the
+        earlier files whole (a checkpoint's save, ``_internal_call``, is in its staging directory already)."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        final = Path(output_dir or self.args.output_dir)
+        staged = checkpoints.output_path(final, checkpoints.TMP_PREFIX + "final")
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)  # what a crashed save left
+        self.accelerator.wait_for_everyone()
+        super().save_model(str(staged), _internal_call)
+        if self.args.should_save:
+            checkpoints.publish(staged, final)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         if self.args.should_save:  # transformers pickles the arguments; JSON needs no unpickling to read
