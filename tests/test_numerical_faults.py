@@ -74,6 +74,19 @@ def test_nonfinite_loss_skips_the_step(value, tmp_path):
     assert logged == [0, 1, 1, 1, 2, 2]
 
 
+def test_nonfinite_reward_model_loss_skips_the_step(tmp_path):
+    """The reward trainer takes the same path: the step is dropped (no update: Adam's moments would move the
+    weights even on a zero gradient), counted and logged."""
+    trainer, recorder = _trainer(CPL | {"trainer": "reward", "max_steps": 4}, tmp_path)
+    real = trainer.bt_losses
+    trainer.bt_losses = lambda *a: real(*a) * (math.nan if trainer.state.global_step + 1 == 2 else 1.0)
+    trainer.train()
+    assert trainer.nonfinite_steps == 1
+    assert [recorder.changed(s) for s in range(1, 5)] == [True, False, True, True]
+    logged = [h["nonfinite_skipped"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == [0, 1, 1, 1]
+
+
 def test_nonfinite_gradient_skips_the_step(tmp_path):
     trainer, recorder = _trainer(CPL, tmp_path)
     lora_b = next(p for n, p in trainer.model.named_parameters() if "lora_B" in n)

@@ -164,12 +164,17 @@ class AlignTrainer(Trainer):
         weights = batch.get("weights")
         loss = losses.mean() if weights is None else (losses * weights).sum() / weights.sum().clamp(min=1)
         if not torch.isfinite(loss):
-            if self.args.on_nonfinite == "stop":
-                raise nonfinite_stop("loss", self.state.global_step + 1)
-            self.nonfinite_loss = model.training  # the guard drops this optimizer step and counts it
-            return self._zero_loss(model)
+            return self._nonfinite_loss(model)
         self._record(metrics)
         return (loss, None) if return_outputs else loss
+
+    def _nonfinite_loss(self, model) -> torch.Tensor:
+        """For a NaN/inf loss: stop (``on_nonfinite=stop``), or a zero loss and a flag on which NonFiniteGuard
+        drops the optimizer step and counts it."""
+        if self.args.on_nonfinite == "stop":
+            raise nonfinite_stop("loss", self.state.global_step + 1)
+        self.nonfinite_loss = model.training
+        return self._zero_loss(model)
 
     @staticmethod
     def _zero_loss(model) -> torch.Tensor:

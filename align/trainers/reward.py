@@ -262,12 +262,7 @@ class RewardTrainer(AlignTrainer):
             metrics["contrastive_loss"] = cl.detach().mean()
         loss = losses.mean()
         if not torch.isfinite(loss):
-            if self.args.on_nonfinite == "stop":
-                raise FloatingPointError(f"non-finite loss at step {self.state.global_step + 1}")
-            self.nonfinite_steps += 1
-            logger.warning("non-finite loss at step %d: skipped (%d so far)", self.state.global_step + 1,
-                           self.nonfinite_steps)
-            return self._zero_loss(model)
+            return self._nonfinite_loss(model)
         self._record(metrics)
         return (loss, None) if return_outputs else loss
 
