@@ -1,4 +1,4 @@
-"""The Python API behind ``align train``: config -> policy, data, trainer -> adapter + summary."""
+"""The Python API behind ``align train``: config -> model, data, trainer -> adapter + summary."""
 
 from __future__ import annotations
 
@@ -9,25 +9,25 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from align import checkpoints, demo
-from align.config import ConfigError, build_config, load_yaml
-from align.data import DataError, ExampleDataset, build_dataset, load_records
-from align.models import check_vocab, load_causal_lm, load_policy, load_tokenizer
+from align import checkpoints, tasks
+from align.config import build_config, load_yaml
+from align.data import ExampleDataset, build_dataset, detect_kind, load_records
+from align.errors import ConfigError, DataError
+from align.models import check_vocab, load_causal_lm, load_tokenizer
 from align.rewards import load_reward, score
 from align.sampling import HFSampler
 from align.trainers import TRAINERS, AlignConfig
 
 logger = logging.getLogger(__name__)
-DEMO = "builtin:demo"
 
 
 def make_config(values: dict, source: str = "config") -> AlignConfig:
-    """``values`` must hold ``trainer`` (cpl, dpo, copg, ...) and the keys of that trainer's config."""
+    """``values`` must hold ``trainer`` (one of ``TRAINERS``) and the keys of that trainer's config."""
     values = dict(values)
     name = values.pop("trainer", None)
     if name not in TRAINERS:
         raise ConfigError(f"{source}: key 'trainer' must be one of {', '.join(TRAINERS)}, got {name!r}")
-    return build_config(TRAINERS[name][0], values, source)
+    return build_config(TRAINERS[name].config_class, values, source)
 
 
 def load_config(path: str, overrides: dict | None = None) -> AlignConfig:
@@ -37,87 +37,94 @@ def load_config(path: str, overrides: dict | None = None) -> AlignConfig:
 
 
 def trainer_name(config: AlignConfig) -> str:
-    return next(name for name, (cls, _, _) in TRAINERS.items() if type(config) is cls)
+    return next(name for name, cls in TRAINERS.items() if type(config) is cls.config_class)
 
 
-def _model_path(config: AlignConfig) -> str:
-    return str(demo.base_model_path()) if config.model == DEMO else config.model
+def model_path(config: AlignConfig) -> str:
+    """The model directory (or hub id) that ``config.model`` names; a built-in task's own base model."""
+    if tasks.is_task(config.model) and tasks.get_task(config.model).base_model:
+        return tasks.get_task(config.model).base_model()
+    return config.model
 
 
-def _rows(config: AlignConfig, source: str, model, tokenizer) -> list[dict]:
-    """Raw rows of ``source``; builtin:demo prompts (online) or base-policy preference pairs (offline)."""
-    if source != DEMO:
-        rows = load_records(source, split=config.dataset_split)
-        # online training needs only the prompts of a preference or scored dataset
-        return [{"prompt": r["prompt"]} if isinstance(r, dict) and "prompt" in r else r for r in rows] if config.online else rows
-    language = demo.MarkovLanguage(demo.DemoSpec())
-    prompts = language.prompts(config.demo_train_prompts, seed=config.seed)
+def file_rows(config: AlignConfig, source: str) -> list[dict]:
+    """Raw rows of a dataset file, directory or hub id; online training keeps only the prompts."""
+    rows = load_records(source, split=config.dataset_split)
+    return [{"prompt": r["prompt"]} if isinstance(r, dict) and "prompt" in r else r for r in rows] if config.online else rows
+
+
+def task_rows(config: AlignConfig, source: str, model, tokenizer) -> list[dict]:
+    """Rows of a built-in task: its prompts (online) or preference pairs sampled from the base policy and
+    labelled by its reward (offline)."""
+    task = tasks.get_task(source)
+    prompts = task.prompts("train", config.task_train_prompts, config.seed)
     if config.online:
         return [{"prompt": p} for p in prompts]
     if not model.can_generate():  # a reward model: the pairs come from the base policy
-        model = load_causal_lm(_model_path(config), dtype=config.dtype)
-    return demo.preference_pairs(model, tokenizer, prompts, seed=config.seed, max_new_tokens=config.max_new_tokens)
+        model = load_causal_lm(model_path(config), dtype=config.dtype)
+    return task.preference_pairs(model, tokenizer, prompts, seed=config.seed, max_new_tokens=config.max_new_tokens)
 
 
-def _score_missing(rows: list[dict], config: AlignConfig, source: str) -> list[dict]:
-    """Offline scored trainers: rows without rewards are scored once with ``config.reward``."""
-    needs = [r for r in rows if isinstance(r, dict) and "rewards" not in r and "chosen_reward" not in r]
-    if not needs or config.reward is None:
+def dataset_rows(config: AlignConfig, source: str, model, tokenizer) -> list[dict]:
+    """Raw rows of ``source``: a built-in task's (see ``task_rows``) or a file's."""
+    return task_rows(config, source, model, tokenizer) if tasks.is_task(source) else file_rows(config, source)
+
+
+def _check_scores(rows: list[dict], config: AlignConfig, trainer_cls, source: str) -> list[dict]:
+    """Offline trainers that need rewards: rows without them are scored once with ``config.reward``, or the
+    run stops here, before anything trains, naming what to give."""
+    kind = detect_kind(rows[0]) if rows and isinstance(rows[0], dict) else None
+    if config.online or kind is None or not trainer_cls.requires_scores(config, kind):
         return rows
-    reward = load_reward(config.reward)
-    logger.info("%s: scoring %d rows with %s", source, len(needs), config.reward)
-    policy = {"on_error": config.reward_on_error, "retries": config.reward_retries, "timeout": config.reward_timeout}
-    for row in needs:  # a skipped (NaN) reward is then a bad row, handled by `on_bad_row`
-        if "completions" in row:
-            row["rewards"] = score(reward, [str(row.get("prompt"))] * len(row["completions"]),
-                                   [str(c) for c in row["completions"]], **policy)
-        elif "chosen" in row and "rejected" in row:
-            prompt = str(row.get("prompt", ""))
-            row["chosen_reward"], row["rejected_reward"] = score(reward, [prompt, prompt],
-                                                                 [str(row["chosen"]), str(row["rejected"])], **policy)
+    needs = [r for r in rows if isinstance(r, dict) and "rewards" not in r and "chosen_reward" not in r]
+    if needs and config.reward is None:
+        raise DataError(source, None, "rewards", f"{len(needs)} of {len(rows)} rows have no rewards; "
+                        f"`trainer: {trainer_name(config)}` needs them on {kind}",
+                        "give `rewards` (or chosen_reward/rejected_reward), or set `reward` to compute them")
+    if needs:
+        reward = load_reward(config.reward)
+        logger.info("%s: scoring %d rows with %s", source, len(needs), config.reward)
+        policy = {"on_error": config.reward_on_error, "retries": config.reward_retries, "timeout": config.reward_timeout}
+        for row in needs:  # a skipped (NaN) reward is then a bad row, handled by `on_bad_row`
+            if "completions" in row:
+                row["rewards"] = score(reward, [str(row.get("prompt"))] * len(row["completions"]),
+                                       [str(c) for c in row["completions"]], **policy)
+            elif "chosen" in row and "rejected" in row:
+                prompt = str(row.get("prompt", ""))
+                row["chosen_reward"], row["rejected_reward"] = score(
+                    reward, [prompt, prompt], [str(row["chosen"]), str(row["rejected"])], **policy)
     return rows
 
 
 def build_trainer(config: AlignConfig):
-    """Policy, tokenizer, datasets and the trainer for ``config`` (nothing is trained yet)."""
+    """Model, tokenizer, datasets and the trainer for ``config`` (nothing is trained yet)."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     set_seed(config.seed)
-    name = trainer_name(config)
-    _, trainer_cls, kinds = TRAINERS[name]
-    model_path = _model_path(config)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
-    if hasattr(trainer_cls, "load_model"):  # e.g. reward models: not a causal-LM policy
-        model = trainer_cls.load_model(config, model_path, tokenizer)
-    else:
-        model = load_policy(
-            model_path, adapter_path=config.adapter_path, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-            r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules or "all-linear",
-        )
-    check_vocab(model, tokenizer, model_path)
+    trainer_cls = TRAINERS[trainer_name(config)]
+    # A file's rows are read and checked before the model loads: a bad dataset stops the run at once.
+    sources = [s for s in (config.dataset, config.eval_dataset) if s]
+    rows = {s: _check_scores(file_rows(config, s), config, trainer_cls, s) for s in sources if not tasks.is_task(s)}
+    path = model_path(config)
+    tokenizer = load_tokenizer(path, trust_remote_code=config.trust_remote_code)
+    model = trainer_cls.load_model(config, path, tokenizer)
+    check_vocab(model, tokenizer, path)
 
     def dataset(source: str) -> ExampleDataset:
-        rows = _rows(config, source, model, tokenizer)
-        if name == "copg" and not config.online:
-            rows = _score_missing(rows, config, source)
-        built = build_dataset(rows, tokenizer, source=source, kinds=("prompts",) if config.online else kinds,
-                              max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                              on_bad_row=config.on_bad_row)
-        unscored = sum("scores" not in ex for ex in built.examples)
-        if name == "copg" and not config.online and unscored:  # found now, not at the first batch
-            raise DataError(source, None, "rewards", f"{unscored} of {len(built)} rows have no rewards; CoPG needs them",
-                            "give `rewards` (or chosen_reward/rejected_reward), or set `reward` to compute them")
-        return built
+        raw = rows[source] if source in rows else _check_scores(task_rows(config, source, model, tokenizer), config,
+                                                                 trainer_cls, source)
+        return build_dataset(raw, tokenizer, source=source,
+                             kinds=("prompts",) if config.online else trainer_cls.data_kinds,
+                             max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                             on_bad_row=config.on_bad_row)
 
     train_dataset = dataset(config.dataset)
     eval_dataset = dataset(config.eval_dataset) if config.eval_dataset else None
-    reward_fn = sampler = None
+    online = {}
     if config.online:
-        reward_fn = load_reward(config.reward)
-        sampler = make_sampler(config, model, tokenizer)
+        online = {"reward_fn": load_reward(config.reward), "sampler": make_sampler(config, model, tokenizer)}
     return trainer_cls(model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                       processing_class=tokenizer, reward_fn=reward_fn, sampler=sampler)
+                       processing_class=tokenizer, **online)
 
 
 def make_sampler(config: AlignConfig, model, tokenizer):
@@ -135,8 +142,8 @@ def make_sampler(config: AlignConfig, model, tokenizer):
 
 
 def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None) -> dict:
-    """Train, save the adapter (peft format, safetensors) and, for the built-in demo, evaluate it
-    against the reference policy. Returns the summary (also written to OUTPUT_DIR/summary.json)."""
+    """Train, save the adapter (peft format, safetensors) and, on a built-in task, evaluate it on held-out
+    prompts. Returns the summary (also written to OUTPUT_DIR/summary.json)."""
     output_dir = Path(config.output_dir)
     # Checked before training: a link out of output_dir would otherwise fail the run at its very end.
     summary_path, plot_path, merged_dir = (checkpoints.output_path(output_dir, name)
@@ -145,22 +152,16 @@ def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     finally:  # a vLLM engine or server connection is released even when training fails
-        getattr(trainer.sampler, "close", lambda: None)()
+        getattr(getattr(trainer, "sampler", None), "close", lambda: None)()
     trainer.save_model(str(output_dir))
     summary = {"trainer": trainer_name(config), "train_loss": result.training_loss, "steps": trainer.state.global_step,
                "nonfinite_skipped": trainer.nonfinite_steps, "data": trainer.train_dataset.stats.summary()}
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if config.model == DEMO and config.dataset == DEMO and trainer.is_world_process_zero():
-        from align.eval.policy import evaluate_against_reference
-
-        prompts = demo.MarkovLanguage(demo.DemoSpec()).prompts(config.demo_eval_prompts, seed=config.seed + 10_000)
-        if hasattr(trainer, "evaluate_demo"):  # reward models: held-out accuracy against the true reward
-            summary |= trainer.evaluate_demo(prompts)
-        else:
-            summary |= evaluate_against_reference(model, trainer.processing_class, prompts, load_reward("builtin:demo"),
-                                                  max_new_tokens=config.max_new_tokens, seed=config.seed + 1, n=4)
+    if tasks.is_task(config.dataset) and trainer.is_world_process_zero():
+        task = tasks.get_task(config.dataset)
+        summary |= trainer.evaluate_task(task, task.prompts("heldout", config.task_eval_prompts, config.seed))
     if trainer.is_world_process_zero():
         if config.merge_on_save:
+            model = trainer.accelerator.unwrap_model(trainer.model)
             model.merge_and_unload().save_pretrained(merged_dir)
             trainer.processing_class.save_pretrained(merged_dir)
         checkpoints.write_atomic(summary_path, json.dumps(summary, indent=2))

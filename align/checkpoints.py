@@ -30,21 +30,14 @@ import re
 import shutil
 from pathlib import Path
 
+from align.errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "align_checkpoint.json"
 TMP_PREFIX = ".tmp-"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 DERIVED_FIELDS = ("ref_logps",)  # computed from the data and the base model (precompute_ref_logps): not data
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, partial, altered or from another run; the message says which and why."""
-
-
-def cache_dir() -> Path:
-    """Where align caches what it can rebuild (the demo's base model, reference log-probs): $ALIGN_CACHE."""
-    return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))
 
 
 def output_path(output_dir: str | Path, *parts: str) -> Path:

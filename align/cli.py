@@ -1,4 +1,4 @@
-"""``align`` command line: train, generate, eval, serve."""
+"""``align`` command line: train, generate, eval, serve, rm."""
 
 from __future__ import annotations
 
@@ -8,15 +8,10 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
-from align.config import ConfigError, parse_overrides
-from align.data import DataError
-from align.models import ModelLoadError
-from align.rewards import RewardError
-from align.checkpoints import CheckpointError
-
-# FloatingPointError: a NaN/inf loss or gradient with on_nonfinite=stop (the message says what to do).
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, RewardError, CheckpointError, FloatingPointError, FileNotFoundError)
+from align.config import parse_overrides
+from align.errors import AlignError, ConfigError
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -24,8 +19,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from align.trainers import TRAINERS
 
     if args.help_keys:
-        name = args.help_keys
-        for f in dataclasses.fields(TRAINERS[name][0]):
+        for f in dataclasses.fields(TRAINERS[args.help_keys].config_class):
             if f.init and f.metadata.get("help"):
                 print(f"  {f.name:28s} {f.metadata['help']} (default {f.default!r})")
         return 0
@@ -71,20 +65,18 @@ def _accelerate_command(args: argparse.Namespace, extra: list[str]) -> tuple[lis
     return launch + ["-m", "align.cli", "train", "--config", args.config, *resume, *extra], env
 
 
-def _generation_settings(args: argparse.Namespace):
-    from align.generate import GenerationSettings
+def _generation_settings(args: argparse.Namespace, **fixed):
+    from align.decoding import GenerationSettings
 
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationSettings) if hasattr(args, f.name)}
     try:
-        return GenerationSettings(strategy=getattr(args, "strategy", "contrastive"), max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, penalty_alpha=args.penalty_alpha, top_k=args.top_k,
-                                  temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams,
-                                  seed=args.seed)
+        return GenerationSettings(**values | fixed)
     except ValueError as err:
         raise ConfigError(f"command line: {err}") from None
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
-    from align.generate import read_prompts
+    from align.data import read_prompts
 
     prompts = list(args.prompt or []) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
@@ -92,33 +84,37 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _generate(args: argparse.Namespace, extra: list[str]) -> int:
-    from align.generate import generate, load_generator, write_jsonl
+def _generate(args: argparse.Namespace) -> int:
+    from align.decoding import generate
+    from align.models import load_generator
 
     settings = _generation_settings(args)
     prompts = _prompts(args)
     model, tokenizer = load_generator(args.model, args.adapter, trust_remote_code=args.trust_remote_code)
-    completions = generate(model, tokenizer, prompts, settings)
+    rows = [{"prompt": p, "completion": c, "strategy": settings.strategy}
+            for p, c in zip(prompts, generate(model, tokenizer, prompts, settings))]
+    lines = "".join(json.dumps(row) + "\n" for row in rows)
     if args.output:
-        write_jsonl(args.output, prompts, completions, settings.strategy)
-        print(f"wrote {len(completions)} completions to {args.output}", file=sys.stderr)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(lines, encoding="utf-8")
+        print(f"wrote {len(rows)} completions to {args.output}", file=sys.stderr)
     else:
-        for p, c in zip(prompts, completions):
-            print(json.dumps({"prompt": p, "completion": c, "strategy": settings.strategy}))
+        print(lines, end="")
     return 0
 
 
-def _eval_decoding(args: argparse.Namespace, extra: list[str]) -> int:
-    from pathlib import Path
-
-    from align.generate import STRATEGIES, compare_strategies, load_generator, markdown_table
+def _eval_decoding(args: argparse.Namespace) -> int:
+    from align.decoding import STRATEGIES
+    from align.eval.decoding import compare_strategies, markdown_table
+    from align.models import load_generator
 
     strategies = args.strategies.split(",")
     unknown = set(strategies) - set(STRATEGIES)
     if unknown:
         raise ConfigError(f"--strategies: unknown {sorted(unknown)}; choose from {', '.join(STRATEGIES)}")
+    settings = _generation_settings(args, strategy=strategies[0])
     model, tokenizer = load_generator(args.model, args.adapter, trust_remote_code=args.trust_remote_code)
-    table = compare_strategies(model, tokenizer, _prompts(args), strategies, _generation_settings(args))
+    table = compare_strategies(model, tokenizer, _prompts(args), strategies, settings)
     text = markdown_table(table)
     print(text)
     if args.output:
@@ -128,7 +124,23 @@ def _eval_decoding(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace, extra: list[str]) -> int:
+def _eval_logprobs(args: argparse.Namespace) -> int:
+    from align.data import build_dataset, load_records
+    from align.eval.logprobs import dataset_logprobs, summarize
+    from align.models import load_generator
+
+    model, tokenizer = load_generator(args.model, args.adapter, trust_remote_code=args.trust_remote_code)
+    dataset = build_dataset(load_records(args.dataset), tokenizer, source=args.dataset, kinds=("pairs", "groups"),
+                            max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+    records = dataset_logprobs(model, dataset, tokenizer.pad_token_id, batch_size=args.batch_size)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text("".join(json.dumps({"row": i, **r}) + "\n" for i, r in enumerate(records, 1)))
+    print(json.dumps(summarize(records)))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
     from align.sampling.vllm_server import serve
 
     # The server runs in its own process group; leaving the `with` (Ctrl-C included) stops it.
@@ -139,31 +151,46 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _rm_strength(args: argparse.Namespace, extra: list[str]) -> int:
-    from align.trainers.reward import strength_main
+    from align.strength import strength_main
 
     result = strength_main(args.config, parse_overrides(extra), args.num_models, args.output)
     print(json.dumps(result, indent=2))
     return 0
 
 
+def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """``--name-with-dashes`` and ``--name_with_underscores``: align train's config keys use underscores,
+    the other subcommands dashes; both spellings are accepted everywhere."""
+    dashed = "--" + name.replace("_", "-")
+    parser.add_argument(dashed, *([] if "-" not in dashed[2:] else ["--" + name]), dest=name, **kwargs)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _option(p, "model", required=True, help="HF model directory or hub id (the base model)")
+    _option(p, "adapter", help="a LoRA adapter directory saved by align train")
+    _option(p, "trust_remote_code", action="store_true", help="run model code from the checkpoint (trusted models only)")
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF model directory or hub id (the base model)")
-    p.add_argument("--adapter", help="a LoRA adapter directory saved by align train")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="prompts file: .txt (one per line) or .jsonl/.json/.csv/.parquet with `prompt`")
-    p.add_argument("--output", help="output path")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--penalty-alpha", type=float, default=0.6, help="contrastive search α")
-    p.add_argument("--top-k", type=int, default=4, help="contrastive candidates, or sampling top-k (0 = off)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trust-remote-code", action="store_true", help="run model code from the checkpoint (trusted models only)")
+    from align.decoding import GenerationSettings
+
+    _add_model_args(p)
+    _option(p, "prompt", action="append", help="a prompt (repeatable)")
+    _option(p, "prompts", help="prompts file: .txt (one per line) or .jsonl/.json/.csv/.parquet with `prompt`")
+    _option(p, "output", help="output path")
+    helps = {"penalty_alpha": "contrastive search α", "top_k": "contrastive candidates, or sampling top-k (0 = off)"}
+    for f in dataclasses.fields(GenerationSettings):
+        if f.name in ("strategy", "chat_template"):
+            continue
+        _option(p, f.name, type=type(f.default), default=f.default, help=helps.get(f.name, f"(default {f.default})"))
+    p.add_argument("--no-chat-template", "--no_chat_template", dest="chat_template", action="store_false",
+                   help="give prompts to the model as they are, even when its tokenizer has a chat template")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from align.decoding import STRATEGIES, GenerationSettings
+    from align.trainers import TRAINERS
+
     parser = argparse.ArgumentParser(prog="align", description="Contrastive alignment of LLMs: CPL, CoPG, DPO/IPO, "
                                      "contrastive reward models, contrastive-search decoding.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,40 +201,48 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", nargs="?", const=True, default=None,
                        help="resume from the newest checkpoint in output_dir that passes its integrity check, "
                        "or from the given checkpoint directory")
-    train.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (accelerate launch)")
-    train.add_argument("--accelerate-config", metavar="FILE",
-                       help="run under `accelerate launch --config_file FILE` (configs/accelerate/: ddp, fsdp, zero2, zero3)")
-    train.add_argument("--help-keys", metavar="TRAINER", choices=["cpl", "dpo", "copg", "reward"],
-                       help="list the config keys of a trainer and exit")
-    train.set_defaults(handler=_train)
+    _option(train, "num_processes", type=int, default=1, help="data-parallel processes (accelerate launch)")
+    _option(train, "accelerate_config", metavar="FILE",
+            help="run under `accelerate launch --config_file FILE` (configs/accelerate/: ddp, fsdp, zero2, zero3)")
+    _option(train, "help_keys", metavar="TRAINER", choices=list(TRAINERS), help="list the config keys of a trainer and exit")
+    train.set_defaults(handler=_train, takes_overrides=True)
 
     gen = sub.add_parser("generate", help="generate text: greedy, sample, beam or contrastive search")
     _add_generation_args(gen)
-    gen.add_argument("--strategy", choices=["greedy", "sample", "beam", "contrastive"], default="contrastive")
+    gen.add_argument("--strategy", choices=STRATEGIES, default=GenerationSettings.strategy)
     gen.set_defaults(handler=_generate)
 
     ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="what", required=True)
     dec = ev.add_parser("decoding", help="compare decoding strategies: rep-n, diversity, isotropy")
     _add_generation_args(dec)
-    dec.add_argument("--strategies", default="greedy,sample,beam,contrastive", help="comma-separated")
+    dec.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
     dec.set_defaults(handler=_eval_decoding)
+    lp = ev.add_parser("logprobs", help="per-completion log-probs of a dataset's chosen and rejected completions "
+                       "(or of every completion of a group); prints a JSON summary line")
+    _add_model_args(lp)
+    _option(lp, "dataset", required=True, help="pairs or groups: .jsonl/.json/.csv/.parquet or a saved dataset")
+    _option(lp, "output", help="per-example records (.jsonl)")
+    _option(lp, "batch_size", type=int, default=16)
+    _option(lp, "max_length", type=int, default=1024)
+    _option(lp, "max_prompt_length", type=int, default=512)
+    lp.set_defaults(handler=_eval_logprobs)
 
     srv = sub.add_parser("serve", help="start a vLLM server on localhost for `sampler: vllm` + `vllm_mode: server`")
-    srv.add_argument("--model", required=True, help="local model directory")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--tensor-parallel-size", type=int, default=1)
-    srv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    srv.add_argument("--max-lora-rank", type=int, default=16)
+    _option(srv, "model", required=True, help="local model directory")
+    _option(srv, "host", default="127.0.0.1")
+    _option(srv, "port", type=int, default=8000)
+    _option(srv, "tensor_parallel_size", type=int, default=1)
+    _option(srv, "gpu_memory_utilization", type=float, default=0.9)
+    _option(srv, "max_lora_rank", type=int, default=16)
     srv.set_defaults(handler=_serve)
 
     rm = sub.add_parser("rm", help="reward-model tools").add_subparsers(dest="what", required=True)
     strength = rm.add_parser("strength", help="preference strength from an ensemble of reward models (M LoRA "
                              "adapters on one backbone); extra --key value pairs override the config")
     strength.add_argument("--config", required=True, help="a `trainer: reward` YAML config")
-    strength.add_argument("--num-models", type=int, default=10, help="ensemble size M (the paper: 10)")
+    _option(strength, "num_models", type=int, default=10, help="ensemble size M (the paper: 10)")
     strength.add_argument("--output", required=True, help="dataset with strength_mean/strength_std (.jsonl)")
-    strength.set_defaults(handler=_rm_strength)
+    strength.set_defaults(handler=_rm_strength, takes_overrides=True)
     return parser
 
 
@@ -216,11 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "rm"):
+    takes_overrides = getattr(args, "takes_overrides", False)
+    if extra and not takes_overrides:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:
-        return args.handler(args, extra)
-    except USER_ERRORS as err:
+        return args.handler(args, extra) if takes_overrides else args.handler(args)
+    except AlignError as err:
         print(f"align: error: {err}", file=sys.stderr)
         return 2
 

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the file (or the command line) and the key."""
+from align.errors import ConfigError
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -82,6 +80,8 @@ def _matches(value, annotation) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is str:
         return isinstance(value, str)
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return isinstance(value, str) and value in {m.value for m in annotation}
     if origin is list:
@@ -96,6 +96,22 @@ def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
+def _literal(annotation) -> tuple | None:
+    """The allowed values of a ``Literal[...]`` annotation (or ``Literal[...] | None``), else None."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    for arg in typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ():
+        if typing.get_origin(arg) is typing.Literal:
+            return typing.get_args(arg)
+    return None
+
+
+def require(ok: bool, name: str, value, rule: str) -> None:
+    """The one range check of every config: ``name=value is out of range: it must be <rule>``."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} is out of range: it must be {rule}")
+
+
 def build_config(config_cls, values: dict, source: str):
     """Instantiate ``config_cls`` from ``values``; unknown keys, wrong types and bad values raise
     ``ConfigError`` naming ``source`` and the key (with a suggestion for misspelt keys)."""
@@ -107,6 +123,9 @@ def build_config(config_cls, values: dict, source: str):
             hint = f"; did you mean {close[0]!r}?" if close else "; `align train --help-keys` lists them"
             raise ConfigError(f"{source}: unknown key {key!r}{hint}")
         if not _matches(value, hints[key]):
+            allowed = _literal(hints[key])
+            if allowed is not None:
+                raise ConfigError(f"{source}: {key}={value!r}: choose one of {', '.join(map(str, allowed))}")
             raise ConfigError(f"{source}: key {key!r} expects {_type_name(hints[key])}, got {type(value).__name__} {value!r}")
     try:
         return config_cls(**values)

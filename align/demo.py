@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from align.checkpoints import cache_dir
+from align.cache import cache_dir
 from align.models.tiny import tiny_llama, word_tokenizer
 from align.rewards.tasks import BAD_WORDS, GOOD_WORDS, NEUTRAL_WORDS, sentiment_reward
 from align.sampling import HFSampler, SamplingParams

@@ -41,7 +41,7 @@ def worker(backend: str, args) -> dict:
             "trainer": "copg", "online": True, "model": args.model, "dataset": args.dataset,
             "reward": args.reward, "num_generations": args.k, "max_new_tokens": args.max_new_tokens,
             "per_device_train_batch_size": args.batch, "max_steps": args.warmup + args.steps,
-            "demo_train_prompts": args.batch * (args.warmup + args.steps), "output_dir": out, "save_strategy": "no",
+            "task_train_prompts": args.batch * (args.warmup + args.steps), "output_dir": out, "save_strategy": "no",
             "logging_steps": 10_000, "report_to": "none", "disable_tqdm": True, "seed": args.seed,
             "bf16": args.device == "cuda", "use_cpu": args.device == "cpu",
         })

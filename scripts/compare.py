@@ -53,7 +53,7 @@ def run(name, overrides, args) -> dict:
     config = make_config({
         "model": "builtin:demo", "dataset": "builtin:demo", "output_dir": str(Path(args.out) / name.replace(" ", "_")),
         "reward": "builtin:demo", "num_generations": 2, "max_new_tokens": 12, "max_steps": steps,
-        "per_device_train_batch_size": batch, "demo_train_prompts": steps * batch, "learning_rate": 2e-3,
+        "per_device_train_batch_size": batch, "task_train_prompts": steps * batch, "learning_rate": 2e-3,
         "lora_r": 8, "lora_alpha": 16, "save_strategy": "no", "logging_steps": args.eval_every, "disable_tqdm": True,
         "torch_threads": args.threads, "seed": args.seed, "report_to": "none",
     } | overrides)

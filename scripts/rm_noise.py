@@ -18,7 +18,7 @@ hyper-parameters), trained once per seed:
 * ``clean``: plain BT on the same pairs without the flips (a reference, not a method).
 
 The preference strength μ̂ comes from an ensemble of ``models`` plain BT reward models trained on the
-noisy training pairs (M LoRA adapters on one frozen base, ``align.trainers.reward.strength_ensemble``);
+noisy training pairs (M LoRA adapters on one frozen base, ``align.strength.strength_ensemble``);
 ``strength_precision``/``strength_recall`` say how well its bottom ``flip_fraction`` slice finds F.
 
 Run ``python scripts/rm_noise.py [--seeds 0 1 2] [--workers 2] [--json PATH] [--out DIR]``; the table
@@ -43,7 +43,8 @@ from align import demo
 from align.data import build_dataset
 from align.models import load_causal_lm, load_tokenizer
 from align.objectives import flip_mask
-from align.trainers.reward import RewardConfig, RewardTrainer, pair_rewards, strength_ensemble
+from align.strength import strength_ensemble
+from align.trainers.reward import RewardConfig, RewardTrainer, pair_rewards
 
 METHODS = {
     "bt": {},

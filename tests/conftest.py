@@ -63,7 +63,7 @@ def snapshot():
 # A short CPL run on the demo model with checkpoints at steps 4 and 8 (two epochs of 4 steps).
 TRAINED_RUN = {"trainer": "cpl", "model": "builtin:demo", "dataset": "builtin:demo", "alpha": 0.1, "lam": 0.8,
                "lora_r": 4, "lora_alpha": 8, "learning_rate": 2.0e-3, "per_device_train_batch_size": 8,
-               "max_new_tokens": 8, "demo_train_prompts": 32, "demo_eval_prompts": 4, "max_steps": 8,
+               "max_new_tokens": 8, "task_train_prompts": 32, "task_eval_prompts": 4, "max_steps": 8,
                "save_steps": 4, "logging_steps": 1, "torch_threads": 1, "seed": 0}
 
 

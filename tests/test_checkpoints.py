@@ -138,7 +138,7 @@ def test_resume_without_checkpoints_is_a_clear_error(trained_run, tmp_path, caps
 
 @pytest.mark.parametrize("override, message", [
     (["--seed", "1"], r"another seed \(0, now 1\)"),
-    (["--demo_train_prompts", "24"], "another training data"),
+    (["--task_train_prompts", "24"], "another training data"),
 ])
 def test_resume_with_other_seed_or_data_is_refused(run, override, message, capsys, snapshot, record_property):
     config, out = run

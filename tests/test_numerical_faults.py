@@ -18,11 +18,11 @@ from align.rewards import RewardError, score
 from align.trainers import CoPGTrainer, CPLTrainer
 
 CPL = {"trainer": "cpl", "model": "builtin:demo", "dataset": "builtin:demo", "lora_r": 4, "lora_alpha": 8,
-       "learning_rate": 2.0e-3, "per_device_train_batch_size": 8, "max_new_tokens": 8, "demo_train_prompts": 16,
-       "demo_eval_prompts": 4, "max_steps": 6, "logging_steps": 1, "save_strategy": "no", "torch_threads": 1}
+       "learning_rate": 2.0e-3, "per_device_train_batch_size": 8, "max_new_tokens": 8, "task_train_prompts": 16,
+       "task_eval_prompts": 4, "max_steps": 6, "logging_steps": 1, "save_strategy": "no", "torch_threads": 1}
 COPG = {"trainer": "copg", "model": "builtin:demo", "dataset": "builtin:demo", "online": True, "reward": "builtin:demo",
-        "lora_r": 4, "lora_alpha": 8, "per_device_train_batch_size": 4, "max_new_tokens": 6, "demo_train_prompts": 8,
-        "demo_eval_prompts": 4, "max_steps": 2, "logging_steps": 1, "save_strategy": "no", "torch_threads": 1}
+        "lora_r": 4, "lora_alpha": 8, "per_device_train_batch_size": 4, "max_new_tokens": 6, "task_train_prompts": 8,
+        "task_eval_prompts": 4, "max_steps": 2, "logging_steps": 1, "save_strategy": "no", "torch_threads": 1}
 
 
 class StepRecorder(TrainerCallback):
@@ -203,8 +203,8 @@ def test_online_training_skips_groups_whose_reward_fails(tmp_path):
     """The reward fails on half the prompts: their groups are dropped and counted, training goes on."""
     trainer, _ = _trainer(COPG, tmp_path, reward_on_error="skip")
     assert isinstance(trainer, CoPGTrainer)
-    bad_prompts = set(trainer.processing_class.batch_decode([ex["prompt_ids"] for ex in trainer.train_dataset][::2],
-                                                            skip_special_tokens=True))
+    # rewards see each prompt as the policy saw it, special tokens included
+    bad_prompts = set(trainer.processing_class.batch_decode([ex["prompt_ids"] for ex in trainer.train_dataset][::2]))
 
     def reward(prompts, completions):
         if any(p in bad_prompts for p in prompts):

@@ -32,15 +32,15 @@ from align import checkpoints
 pytestmark = pytest.mark.slow  # real subprocesses: about a minute per trainer on 2 cores
 
 COMMON = {"model": "builtin:demo", "dataset": "builtin:demo", "learning_rate": 2.0e-3, "max_steps": 12,
-          "save_steps": 4, "logging_steps": 1, "save_total_limit": 2, "demo_eval_prompts": 8,
+          "save_steps": 4, "logging_steps": 1, "save_total_limit": 2, "task_eval_prompts": 8,
           "torch_threads": 1, "seed": 0}
 CONFIGS = {
     # 64 prompts / 8 = 8 steps per epoch: the run crosses an epoch; dropout makes the RNG state matter.
     "cpl": COMMON | {"trainer": "cpl", "alpha": 0.1, "lam": 0.8, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1,
-                     "per_device_train_batch_size": 8, "max_new_tokens": 12, "demo_train_prompts": 64},
+                     "per_device_train_batch_size": 8, "max_new_tokens": 12, "task_train_prompts": 64},
     "copg": COMMON | {"trainer": "copg", "online": True, "reward": "builtin:demo", "beta": 0.1, "num_generations": 2,
                       "max_new_tokens": 8, "lora_r": 4, "lora_alpha": 8, "per_device_train_batch_size": 4,
-                      "demo_train_prompts": 32},
+                      "task_train_prompts": 32},
 }
 # The checkpoint file each trainer's second run dies writing (half of it reaches the disk).
 DIES_WRITING = {"cpl": "checkpoint-8/optimizer.pt", "copg": "checkpoint-8/rng_state.pth"}

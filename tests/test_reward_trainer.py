@@ -18,7 +18,8 @@ from align.objectives import bradley_terry_loss, difference_views, flip_mask, me
 from align.rewards import RewardError, load_reward
 from align.rewards.model import RewardModelReward, reward_forward
 from align.rewards.tasks import BAD_WORDS, GOOD_WORDS, NEUTRAL_WORDS, sentiment_reward
-from align.trainers.reward import RewardConfig, RewardTrainer, pair_rewards, strength_ensemble
+from align.strength import strength_ensemble
+from align.trainers.reward import RewardConfig, RewardTrainer, pair_rewards
 
 QUIET = {"report_to": "none", "save_strategy": "no", "logging_strategy": "no", "disable_tqdm": True,
          "per_device_train_batch_size": 8, "learning_rate": 5e-3, "lora_r": 4, "lora_alpha": 8, "seed": 0}
@@ -326,7 +327,7 @@ def test_strength_command_writes_a_dataset_the_trainer_reads(tmp_path, tiny_lm_d
     config.write_text(yaml.safe_dump({"trainer": "reward", "model": str(tiny_lm_dir), "dataset": str(data),
                                       "output_dir": str(tmp_path / "rm"), "on_bad_row": "skip", "flip_fraction": 0.2,
                                       "max_steps": 2, "torch_threads": 1} | QUIET))
-    from align.trainers.reward import strength_main
+    from align.strength import strength_main
 
     out = tmp_path / "strength.jsonl"
     summary = strength_main(str(config), {}, 2, str(out))

@@ -55,7 +55,7 @@ def test_source_never_unpickles_loads_unsafe_yaml_or_trusts_remote_code():
 
 @pytest.mark.parametrize("trainer", sorted(TRAINERS))
 def test_trust_remote_code_is_off_unless_set(trainer, tmp_path):
-    config_cls = TRAINERS[trainer][0]
+    config_cls = TRAINERS[trainer].config_class
     assert {f.name: f.default for f in dataclasses.fields(config_cls)}["trust_remote_code"] is False
 
 

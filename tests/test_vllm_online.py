@@ -17,7 +17,7 @@ def test_online_copg_with_vllm_sampler_raises_true_reward(tmp_path):
         "trainer": "copg", "model": "builtin:demo", "dataset": "builtin:demo", "online": True,
         "reward": "builtin:demo", "sampler": "vllm", "vllm_mode": "colocate", "vllm_sync": "merged",
         "beta": 0.05, "num_generations": 4, "max_steps": 32, "per_device_train_batch_size": 16,
-        "demo_train_prompts": 512, "demo_eval_prompts": 64, "max_new_tokens": 12, "lora_r": 8, "lora_alpha": 16,
+        "task_train_prompts": 512, "task_eval_prompts": 64, "max_new_tokens": 12, "lora_r": 8, "lora_alpha": 16,
         "learning_rate": 2e-3, "save_strategy": "no", "disable_tqdm": True, "torch_threads": 1,
         "output_dir": str(tmp_path), "seed": 0,
     })

@@ -9,9 +9,11 @@ Accepted formats (TRL's, plus scored groups), plain text or conversational (list
 * ``groups``  — ``prompt``/``completions`` (list of K ≥ 2) with optional ``rewards`` (list of K numbers).
 * ``prompts`` — ``prompt`` only (online training).
 
-Tokenization: ``prompt_ids = tokenizer(prompt)``, ``completion_ids = tokenizer(completion, no special
-tokens) + [EOS]`` (plain text; chat templates already close the turn). This is exactly what an
-on-policy sampler produces, so offline and online examples look the same to the trainers.
+Tokenization (``align.hf_utils.encode_prompt``/``encode_completion``): the prompt gets the tokenizer's
+special tokens unless its rendered text already starts with BOS (no doubled BOS); a completion gets none in
+front and ends with exactly one EOS (plain text gets it appended; a chat template's end-of-turn EOS is kept
+and whatever the template writes after it dropped). This is exactly what an on-policy sampler produces, so
+offline and online examples look the same to the trainers.
 Truncation rule: a prompt longer than ``max_prompt_length`` keeps its *last* tokens; a completion is
 cut at its end so that prompt + completion ≤ ``max_length``. Both are counted in the stats.
 Columns not listed above are ignored (their names are logged once).
@@ -28,7 +30,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from trl import is_conversational, maybe_apply_chat_template, maybe_extract_prompt
 
-from align.data.errors import DataError
+from align.errors import DataError
+from align.hf_utils import encode_completion, encode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -161,18 +164,15 @@ def _render(tokenizer: PreTrainedTokenizerBase, prompt, completion=None) -> tupl
 
 def tokenize_example(example: dict, tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int,
                      stats: DataStats) -> dict:
-    conversational = isinstance(example["prompt"], list)
     prompt_text, _ = _render(tokenizer, example["prompt"])
-    prompt_ids = tokenizer(prompt_text)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, prompt_text)
     if len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
         stats.truncated_prompts += 1
     completion_ids = []
     for completion in example["completions"]:
         _, text = _render(tokenizer, example["prompt"], completion)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if not conversational and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-            ids = ids + [tokenizer.eos_token_id]
+        ids = encode_completion(tokenizer, text)
         room = max_length - len(prompt_ids)
         if len(ids) > room:
             ids = ids[:room]

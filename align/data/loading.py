@@ -11,7 +11,7 @@ from pathlib import Path
 
 import datasets
 
-from align.data.errors import DataError
+from align.errors import DataError
 
 FILE_TYPES = {".csv": "csv", ".parquet": "parquet"}
 
@@ -86,3 +86,17 @@ def load_records(source: str, *, split: str = "train") -> list[dict]:
     except Exception as err:
         raise DataError(source, None, None, f"could not load hub dataset: {err}",
                         "check the id, or download it and pass a local path") from None
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a .txt file (one per line) or a .jsonl/.json/.csv/.parquet file with a `prompt` field."""
+    if Path(path).suffix == ".txt":
+        if not Path(path).is_file():
+            raise DataError(path, None, None, "file does not exist")
+        return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = []
+    for i, row in enumerate(load_records(path), start=1):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise DataError(path, i, "prompt", "missing, empty or not a string")
+        prompts.append(row["prompt"])
+    return prompts

@@ -1,5 +1,7 @@
-"""Decoding algorithms that ``model.generate`` of transformers 5 no longer ships."""
+"""Decoding: contrastive search (which ``generate`` of transformers 5 no longer ships) and the generation
+behind ``align generate``."""
 
 from align.decoding.contrastive import contrastive_search, degeneration_penalty
+from align.decoding.generate import STRATEGIES, GenerationSettings, generate, prompt_ids
 
-__all__ = ["contrastive_search", "degeneration_penalty"]
+__all__ = ["STRATEGIES", "GenerationSettings", "contrastive_search", "degeneration_penalty", "generate", "prompt_ids"]

@@ -6,8 +6,9 @@ from contextlib import contextmanager
 
 import torch
 import trl.trainer.utils as trl_utils
-from accelerate.utils import extract_model_from_parallel
 from trl.trainer.utils import use_adapter
+
+from align.hf_utils import unwrap_model
 
 # Vocabulary width of the fused head's tiles off CUDA. TRL projects [tokens, 32768] tiles; on CUDA its Triton
 # kernel folds a tile in place, but the torch fallback keeps several fp32 copies of it: with 1024 completion
@@ -61,10 +62,7 @@ def _vocab_tile(device: torch.device):
 
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose output feeds the fused head (as TRL finds it), through DDP/DeepSpeed and PEFT wrappers."""
-    model = extract_model_from_parallel(model)
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model.base_model
+    return unwrap_model(model).base_model
 
 
 def reference_completion_logps(model: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:

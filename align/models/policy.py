@@ -11,13 +11,10 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from trl.trainer import add_fused_lm_head
 
+from align.errors import ModelLoadError
+from align.hf_utils import DTYPES, ensure_pad_token
+
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be loaded; the message names the path and suggests a fix."""
 
 
 def _check_local(name_or_path: str) -> None:
@@ -39,15 +36,10 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:  # TypeError: a config.json that is not a mapping
         raise ModelLoadError(f"could not load a tokenizer from {name_or_path!r}: {err}") from err
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelLoadError(
-                f"tokenizer {name_or_path!r} has neither a pad nor an EOS token; add one "
-                "(tokenizer.add_special_tokens({'pad_token': ...})) and save it"
-            )
-        logger.info("tokenizer %s has no pad token; using EOS %r as pad", name_or_path, tokenizer.eos_token)
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    try:
+        return ensure_pad_token(tokenizer, name_or_path)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
 
 
 def load_causal_lm(
@@ -121,3 +113,16 @@ def load_policy(
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:  # missing files, another base model
         raise ModelLoadError(f"could not load the adapter {adapter_path!r} onto {name_or_path!r}: "
                              f"{str(err).splitlines()[0]}; check `adapter_path` (and that it was trained on this model)") from err
+
+
+def load_generator(name_or_path: str, adapter: str | None = None, *, trust_remote_code: bool = False):
+    """A model for generation (eval mode), with a saved LoRA adapter when given, and its tokenizer."""
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(name_or_path, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+            raise ModelLoadError(f"could not load the adapter {adapter!r} onto {name_or_path!r}: "
+                                 f"{str(err).splitlines()[0]}") from err
+    return model.eval(), tokenizer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 import signal
@@ -10,15 +11,25 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Protocol
 
+from align.errors import RewardError
+
 logger = logging.getLogger(__name__)
 
 
 class RewardFunction(Protocol):
+    """``reward(prompts, completions) -> list[float]``: one number per completion. A reward that also takes
+    the keyword ``finished`` (or ``**kwargs``) is told which completions ended by themselves (EOS) rather
+    than at the token limit, e.g. to fail a cut completion on a constraint about its end."""
+
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]: ...
 
 
-class RewardError(RuntimeError):
-    """A reward failed; the message names the prompt (index and text) and what went wrong."""
+def _takes_finished(reward: RewardFunction) -> bool:
+    try:
+        parameters = inspect.signature(reward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: no keywords
+        return False
+    return any(p.name == "finished" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _short(text: str, n: int = 60) -> str:
@@ -66,9 +77,11 @@ def time_limit(seconds: float | None):
         signal.signal(signal.SIGALRM, previous)
 
 
-def _call(reward: RewardFunction, prompts: list[str], completions: list[str], timeout: float | None) -> list:
+def _call(reward: RewardFunction, prompts: list[str], completions: list[str], finished: list[bool] | None,
+          timeout: float | None) -> list:
+    extra = {"finished": finished} if finished is not None and _takes_finished(reward) else {}
     with time_limit(timeout):
-        return list(reward(prompts, completions))
+        return list(reward(prompts, completions, **extra))
 
 
 def _failed(error: BaseException) -> str:
@@ -80,11 +93,13 @@ def score(
     prompts: list[str],
     completions: list[str],
     *,
+    finished: list[bool] | None = None,
     on_error: str = "stop",
     retries: int = 0,
     timeout: float | None = None,
 ) -> list[float]:
-    """Call ``reward`` and check its answer: one finite number per completion.
+    """Call ``reward`` and check its answer: one finite number per completion. ``finished`` (which
+    completions ended with EOS) is passed on to rewards that take it.
 
     A call that raises, or runs longer than ``timeout`` seconds, is retried ``retries`` times. If it
     still fails, the prompts are scored one by one to find the failing ones (after an exception only:
@@ -96,7 +111,7 @@ def score(
         raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
     for attempt in range(retries + 1):
         try:
-            return _check(_call(reward, prompts, completions, timeout), prompts, completions, on_error)
+            return _check(_call(reward, prompts, completions, finished, timeout), prompts, completions, on_error)
         except RewardError:
             raise
         except Exception as err:  # any user code may fail; we report which prompt it was given
@@ -112,7 +127,8 @@ def score(
     values, failures = [], []
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         try:
-            values += _check(_call(reward, [prompt], [completion], timeout), [prompt], [completion], on_error)
+            one = None if finished is None else [finished[i]]
+            values += _check(_call(reward, [prompt], [completion], one, timeout), [prompt], [completion], on_error)
         except RewardError:
             raise
         except Exception as err:

@@ -20,23 +20,16 @@ from peft import PeftModel
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from align.rewards.base import RewardError
+from align.errors import RewardError
+from align.hf_utils import DTYPES, encode_completion, encode_prompt, ensure_pad_token, unwrap_model
 
 INFO_FILE = "reward_model.json"
 HEAD_NAMES = ("score", "classifier")  # decoder LMs name the head `score`; encoders `classifier`
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The HF model inside DDP/DataParallel (``.module``) and peft wrappers."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def head_name(model: torch.nn.Module) -> str:
     """Attribute name of the scalar head of a sequence-classification model (wrapped or not)."""
-    base = _unwrap(model)
+    base = unwrap_model(model)
     for name in HEAD_NAMES:
         if isinstance(getattr(base, name, None), torch.nn.Module):
             return name
@@ -66,7 +59,7 @@ def reward_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     The head's input and output are read with a forward hook: HF pools at the last token that is not
     the pad id, which is wrong when pad == EOS (the completion's EOS would be skipped).
     """
-    head = getattr(_unwrap(model), head_name(model))
+    head = getattr(unwrap_model(model), head_name(model))
     seen = {}
 
     def keep(module, args, output):
@@ -84,15 +77,13 @@ def reward_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, *, max_length: int,
-           max_prompt_length: int) -> list[int]:
-    """Token ids of ``prompt + completion`` with the rule of ``align.data`` for plain text (the rule the
-    reward model was trained with): the prompt keeps its last ``max_prompt_length`` tokens, the
-    completion ends with EOS and is cut at its end to fit ``max_length``."""
-    prompt_ids = tokenizer(prompt)["input_ids"][-max_prompt_length:]
-    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
-        ids = ids + [eos]
+           max_prompt_length: int, finished: bool = True) -> list[int]:
+    """Token ids of ``prompt + completion`` by the rule the reward model was trained with (``align.data``):
+    the prompt (as rendered, chat markup included) without a doubled BOS, keeping its last
+    ``max_prompt_length`` tokens; the completion ending with EOS unless it was cut at the sampler's token
+    limit (``finished=False``), then cut at its end to fit ``max_length``."""
+    prompt_ids = encode_prompt(tokenizer, prompt)[-max_prompt_length:]
+    ids = encode_completion(tokenizer, completion, finished=finished)
     return prompt_ids + ids[: max_length - len(prompt_ids)]
 
 
@@ -108,8 +99,7 @@ def load_reward_model(path: str | Path, *, dtype: str = "float32",
     base = json.loads(adapter_config.read_text())["base_model_name_or_path"] if adapter_config.exists() else str(path)
     tokenizer = AutoTokenizer.from_pretrained(path if (path / "tokenizer_config.json").exists() else base,
                                               trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer, str(path))
     model = load_reward_backbone(base, pad_token_id=tokenizer.pad_token_id, dtype=dtype,
                                  trust_remote_code=trust_remote_code)
     if adapter_config.exists():
@@ -160,11 +150,12 @@ class RewardModelReward:
         return cls(path, **kwargs)
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], completions: list[str], finished: list[bool] | None = None) -> list[float]:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-        ids = [encode(self.tokenizer, p, c, max_length=self.max_length, max_prompt_length=self.max_prompt_length)
-               for p, c in zip(prompts, completions)]
+        finished = [True] * len(completions) if finished is None else finished
+        ids = [encode(self.tokenizer, p, c, max_length=self.max_length, max_prompt_length=self.max_prompt_length,
+                      finished=f) for p, c, f in zip(prompts, completions, finished)]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
         rewards = torch.empty(len(ids))
         for start in range(0, len(ids), self.batch_size):

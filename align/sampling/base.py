@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a hash of ``parts``. Distinct tuples (step, micro-batch, rank, prompt, ...) give
+    unrelated seeds, where sums such as ``base + rank + prompt * n`` collide across ranks and steps."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
 @dataclass(frozen=True)

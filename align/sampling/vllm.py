@@ -41,7 +41,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
-from align.sampling.base import Completions, SamplingParams
+from align.sampling.base import Completions, SamplingParams, derive_seed
 
 SyncMode = Literal["merged", "adapter"]
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
@@ -100,9 +100,9 @@ class _Adapter:
 
 
 def _request_params(params: SamplingParams, prompt_index: int) -> dict:
-    """vLLM sampling arguments for one prompt. Its ``n`` samples get seeds ``seed + index``
-    (vLLM's parallel sampling adds the sample index), so every sample of a batch has its own seed."""
-    seed = None if params.seed is None else params.seed + prompt_index * params.n
+    """vLLM sampling arguments for one prompt. The prompt's seed is derived from the batch seed and its index,
+    and vLLM's parallel sampling adds the sample index to it, so every sample of every batch has its own seed."""
+    seed = None if params.seed is None else derive_seed(params.seed, prompt_index)
     return {"n": params.n, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
             "top_p": params.top_p, "top_k": params.top_k, "logprobs": 0, "seed": seed}
 

@@ -1,19 +1,21 @@
-"""Thin trainers around the objectives; each has a config dataclass beside it."""
+"""Thin trainers around the objectives; each declares its config class (beside it) and its data kinds.
 
-from align.trainers.base import AlignTrainer
+``TRAINERS`` maps the config's ``trainer:`` name to the class; ``align.api`` and ``align.cli`` read it.
+"""
+
+from align.trainers.base import AlignTrainer, PolicyTrainer
 from align.trainers.config import AlignConfig
 from align.trainers.copg import CoPGConfig, CoPGTrainer
 from align.trainers.cpl import CPLConfig, CPLTrainer
 from align.trainers.dpo import DPOConfig, DPOTrainer
 from align.trainers.reward import RewardConfig, RewardTrainer
 
-# name -> (config class, trainer class, dataset kinds it accepts offline)
-TRAINERS = {
-    "cpl": (CPLConfig, CPLTrainer, ("pairs", "groups")),
-    "dpo": (DPOConfig, DPOTrainer, ("pairs",)),
-    "copg": (CoPGConfig, CoPGTrainer, ("pairs", "groups")),
-    "reward": (RewardConfig, RewardTrainer, ("pairs",)),
+TRAINERS: dict[str, type[AlignTrainer]] = {
+    "cpl": CPLTrainer,
+    "dpo": DPOTrainer,
+    "copg": CoPGTrainer,
+    "reward": RewardTrainer,
 }
 
 __all__ = ["TRAINERS", "AlignConfig", "AlignTrainer", "CPLConfig", "CPLTrainer", "CoPGConfig", "CoPGTrainer",
-           "DPOConfig", "DPOTrainer", "RewardConfig", "RewardTrainer"]
+           "DPOConfig", "DPOTrainer", "PolicyTrainer", "RewardConfig", "RewardTrainer"]

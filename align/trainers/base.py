@@ -1,5 +1,11 @@
-"""What every align trainer shares: the concatenated forward, reference log-probs, on-policy batches,
-metrics, the non-finite guard and crash-safe checkpoints. A trainer subclass only defines ``objective``."""
+"""The run infrastructure every align trainer shares (``AlignTrainer``: the non-finite guard, crash-safe
+checkpoints, metrics, one ``loss(model, batch)`` hook), and policy training on top of it
+(``PolicyTrainer``: the concatenated log-prob forward, the reference policy, on-policy rollouts).
+
+A policy trainer subclass declares its config class and data kinds and implements ``objective``; the
+reward-model trainer implements ``loss`` directly. ``align.api`` and ``align.cli`` read the declarations
+(``TRAINERS`` in ``align.trainers``) and hold no trainer names.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import pickle
 import shutil
 from collections import defaultdict
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from accelerate.utils import gather_object
@@ -17,12 +24,16 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align import checkpoints
-from align.data import ExampleDataset, GroupCollator, LengthGroupedSampler, concat_rows, padded_length
-from align.models import completion_logps, reference_completion_logps, sequence_logps
-from align.rewards import RewardFunction, score
-from align.sampling import Sampler, SamplingParams
+from align.data import ExampleDataset, GroupCollator, LengthGroupedSampler, padded_length
+from align.errors import NonFiniteError
+from align.eval.policy import evaluate_against_reference
+from align.models import completion_logps, load_policy, reference_completion_logps, sequence_logps
+from align.rewards import RewardFunction
+from align.sampling import Sampler, SamplingParams, derive_seed
+from align.tasks import Task
 from align.trainers.config import AlignConfig
 from align.trainers.reference import cached_reference_logps
+from align.trainers.rollout import rollout
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +47,9 @@ class LogProbs:
         self.sequence = sequence_logps(token_logps, completion_mask, length_normalize=length_normalize).view(-1, group_size)
 
 
-def nonfinite_stop(what: str, step: int) -> FloatingPointError:
-    return FloatingPointError(f"non-finite {what} at step {step} (on_nonfinite=stop); set on_nonfinite: skip to "
-                              "skip such steps, or lower the learning rate and resume from the last checkpoint")
+def nonfinite_stop(what: str, step: int) -> NonFiniteError:
+    return NonFiniteError(f"non-finite {what} at step {step} (on_nonfinite=stop); set on_nonfinite: skip to "
+                          "skip such steps, or lower the learning rate and resume from the last checkpoint")
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -68,68 +79,52 @@ class NonFiniteGuard(TrainerCallback):
 class SyncSamplerCallback(TrainerCallback):
     """Keeps the sampler on the current policy: a push when training starts (a resumed run has just
     loaded its adapter) and ``sync_weights`` after every optimizer step (the sampler applies its own
-    ``sync_every``)."""
+    ``sync_every``). Also restarts the count of rollouts within a step (their sampling seeds)."""
 
-    def __init__(self, sampler: Sampler):
-        self.sampler = sampler
+    def __init__(self, trainer: "PolicyTrainer"):
+        self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.sampler.push_weights()
+        self.trainer.sampler.push_weights()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.sampler.sync_weights()
+        self.trainer.rollouts_this_step = 0
+        self.trainer.sampler.sync_weights()
 
 
 class AlignTrainer(Trainer):
     """``transformers.Trainer`` (accelerate, mixed precision, accumulation, checkpoints, logging) with
-    align's batches: group-major rows of one prompt and K completions (see ``GroupCollator``).
+    align's run infrastructure. Batches are group-major rows of one prompt and K completions (see
+    ``GroupCollator``). A subclass declares what it is and implements ``loss``."""
 
-    Subclasses set ``needs_reference`` and ``orders_by_reward`` and implement ``objective``.
-    """
-
-    needs_reference = False
-    orders_by_reward = True  # online: put the best completion first and weight out ties (pair losses)
+    config_class: ClassVar[type[AlignConfig]] = AlignConfig
+    data_kinds: ClassVar[tuple[str, ...]] = ("pairs",)  # offline dataset kinds it trains on
 
     def __init__(self, model, args: AlignConfig, train_dataset, processing_class: PreTrainedTokenizerBase,
-                 eval_dataset=None, reward_fn: RewardFunction | None = None, sampler: Sampler | None = None,
-                 callbacks=None):
-        callbacks = list(callbacks or [])
-        if args.online:
-            if reward_fn is None or sampler is None:
-                raise ValueError("online training needs a reward function and a sampler")
-            callbacks.append(SyncSamplerCallback(sampler))
+                 eval_dataset=None, callbacks=None):
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=GroupCollator(processing_class.pad_token_id),
                          callbacks=callbacks)
         self.add_callback(NonFiniteGuard(self))
-        self.reward_fn, self.sampler = reward_fn, sampler
         self.nonfinite_steps = 0
         self.nonfinite_loss = False  # set by compute_loss, read by NonFiniteGuard before the optimizer step
-        self.skipped_groups = 0
         self._staging: str | None = None  # where the checkpoint being saved is written (see _save_checkpoint)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
-        if args.precompute_ref_logps and self.needs_reference:
-            self.train_dataset = self._with_reference_logps(self.train_dataset)
-            if self.eval_dataset is not None:
-                self.eval_dataset = self._with_reference_logps(self.eval_dataset)
 
-    def _with_reference_logps(self, dataset: ExampleDataset) -> ExampleDataset:
-        """The examples with their reference log-probs (``ref_logps``, read by the collator), from the cache
-        or one no-grad pass (rank 0 first; the other ranks then read its cache)."""
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise ValueError("precompute_ref_logps runs before the model is sharded, so not with FSDP or DeepSpeed; "
-                             "leave it off there (the reference forward then runs every step)")
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.accelerator.main_process_first():
-                logps = cached_reference_logps(self.model, dataset, self.processing_class.pad_token_id,
-                                               batch_size=self.args.per_device_eval_batch_size,
-                                               length_normalize=self.args.length_normalize)
-        finally:
-            self.model.train(was_training)
-        examples = [{**dataset[i], "ref_logps": row} for i, row in enumerate(logps.tolist())]
-        return ExampleDataset(examples, dataset.stats)
+    # --- what a trainer declares ------------------------------------------------------------------
+    @classmethod
+    def requires_scores(cls, config: AlignConfig, kind: str) -> bool:
+        """Whether offline rows of ``kind`` must carry rewards (rows without are scored with ``reward``)."""
+        return False
+
+    @classmethod
+    def load_model(cls, config: AlignConfig, model_path: str, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+        """The model this trainer trains, built from ``config`` (nothing trained yet)."""
+        raise NotImplementedError
+
+    def evaluate_task(self, task: Task, prompts: list) -> dict:
+        """Held-out figures of the trained model on a built-in task's held-out ``prompts``."""
+        raise NotImplementedError
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -141,26 +136,20 @@ class AlignTrainer(Trainer):
         return LengthGroupedSampler([padded_length(dataset[i]) for i in range(len(dataset))],
                                     a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps)
 
-    # --- the algorithm ------------------------------------------------------------------------
-    def objective(self, logps: LogProbs, ref_logps: torch.Tensor | None, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Per-prompt losses (B,) and a dict of scalar metrics."""
+    # --- the loss -----------------------------------------------------------------------------------
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Per-prompt losses (B,) and a dict of scalar metrics for one batch."""
         raise NotImplementedError
 
+    def prepare_batch(self, inputs: dict) -> dict | None:
+        """The batch ``loss`` sees (policy trainers sample it online); None: nothing to train on."""
+        return inputs
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = self.online_batch(inputs["prompt_ids"]) if "prompt_ids" in inputs else inputs
-        if batch is None:  # every sampled group was dropped (failed reward): an empty step
+        batch = self.prepare_batch(inputs)
+        if batch is None:
             return self._zero_loss(model)
-        k = batch["group_size"]
-        forward = {key: batch[key] for key in ("input_ids", "attention_mask", "completion_mask")}
-        logps = LogProbs(completion_logps(model, **forward), batch["completion_mask"], k, self.args.length_normalize)
-        ref_logps = None
-        if self.needs_reference:
-            ref_logps = batch.get("ref_logps")
-            if ref_logps is None:
-                ref_token = reference_completion_logps(self.accelerator.unwrap_model(model), **forward)
-                ref_logps = sequence_logps(ref_token, batch["completion_mask"],
-                                           length_normalize=self.args.length_normalize).view(-1, k)
-        losses, metrics = self.objective(logps, ref_logps, batch)
+        losses, metrics = self.loss(model, batch)
         weights = batch.get("weights")
         loss = losses.mean() if weights is None else (losses * weights).sum() / weights.sum().clamp(min=1)
         if not torch.isfinite(loss):
@@ -180,41 +169,6 @@ class AlignTrainer(Trainer):
     def _zero_loss(model) -> torch.Tensor:
         """A loss of 0 attached to the graph, so that backward runs (and every rank takes part in it)."""
         return sum(p.view(-1)[0] * 0.0 for p in model.parameters() if p.requires_grad)
-
-    # --- on-policy batches ----------------------------------------------------------------------
-    def online_batch(self, prompt_ids: list[list[int]]) -> dict | None:
-        """Sample k completions per prompt from the current policy, score them, batch them."""
-        args, tok = self.args, self.processing_class
-        k = args.num_generations
-        # The seed is a function of (seed, step, rank): a resumed run samples exactly what it would have.
-        seed = (args.seed * 1_000_003 + self.state.global_step) * 64 + self.accelerator.process_index
-        params = SamplingParams(n=k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=seed)
-        samples = self.sampler.sample(prompt_ids, params)
-        prompts = tok.batch_decode(prompt_ids, skip_special_tokens=True)
-        rewards = score(self.reward_fn, [p for p in prompts for _ in range(k)], samples.texts,
-                        on_error=args.reward_on_error, retries=args.reward_retries, timeout=args.reward_timeout)
-        rewards = torch.tensor(rewards, dtype=torch.float32).view(-1, k)
-        keep = torch.isfinite(rewards).all(dim=1)
-        self.skipped_groups += int((~keep).sum())
-        if not keep.any():
-            return None
-        completions = [samples.completion_ids[g * k : (g + 1) * k] for g in range(len(prompt_ids))]
-        if self.orders_by_reward:  # best first, so pair losses see (chosen, rejected)
-            order = rewards.argsort(dim=1, descending=True, stable=True)
-            rewards = rewards.gather(1, order)
-            completions = [[c[j] for j in o] for c, o in zip(completions, order.tolist())]
-        kept = keep.nonzero().flatten().tolist()
-        rewards = rewards[keep]
-        batch = concat_rows([prompt_ids[g] for g in kept for _ in range(k)],
-                            [c for g in kept for c in completions[g]], tok.pad_token_id)
-        batch = {key: v.to(self.args.device) for key, v in batch.items()}
-        batch.update(group_size=k, scores=rewards.to(self.args.device))
-        if self.orders_by_reward:  # a group whose rewards are all equal carries no preference
-            batch["weights"] = (rewards[:, 0] > rewards[:, -1]).float().to(self.args.device)
-        self._record({"reward/mean": rewards.mean(), "reward/std": rewards.std(unbiased=False),
-                      "completion_length": torch.tensor([len(c) for c in samples.completion_ids]).float().mean()})
-        return batch
 
     # --- checkpoints (see align.checkpoints) ---------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
@@ -283,13 +237,12 @@ class AlignTrainer(Trainer):
     def _resume_state(self) -> dict:
         """What resuming needs beyond transformers' files: align's counters, and what fixes the data
         order and the on-policy sampling seeds (the seeds and the training data)."""
-        return {"nonfinite_steps": self.nonfinite_steps, "skipped_groups": self.skipped_groups,
-                "seed": self.args.seed, "data_seed": self.args.data_seed,
+        return {"nonfinite_steps": self.nonfinite_steps, "seed": self.args.seed, "data_seed": self.args.data_seed,
                 "train_data": checkpoints.data_fingerprint(self.train_dataset)}
 
-    def _restore(self, checkpoint: str) -> None:
+    def _restore(self, checkpoint: str) -> dict:
         """Verify ``checkpoint`` against its manifest and this run, and take back align's counters
-        (transformers restores the rest)."""
+        (transformers restores the rest); returns the saved state."""
         saved, current = checkpoints.verify(checkpoint), self._resume_state()
         for key in ("seed", "data_seed", "train_data"):
             if saved.get(key) != current[key]:
@@ -297,13 +250,18 @@ class AlignTrainer(Trainer):
                 raise checkpoints.CheckpointError(f"{checkpoint} was trained with another {what}: resuming would not "
                                                   "continue the same run; use the original settings and data, or a "
                                                   "new output_dir")
-        self.nonfinite_steps, self.skipped_groups = saved["nonfinite_steps"], saved["skipped_groups"]
+        self.nonfinite_steps = saved["nonfinite_steps"]
+        return saved
 
     # --- metrics ------------------------------------------------------------------------------
     def _record(self, metrics: dict) -> None:
         mode = "train" if self.model.training else "eval"
         for key, value in metrics.items():
             self._metrics[mode][key].append(float(value))
+
+    def _counters(self) -> dict:
+        """Run-long counts logged with every training log."""
+        return {"nonfinite_skipped": self.nonfinite_steps}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
@@ -324,8 +282,128 @@ class AlignTrainer(Trainer):
             if finite:
                 logs[prefix + key] = sum(finite) / len(finite)
         if mode == "train":
-            logs["nonfinite_skipped"] = self.nonfinite_steps
-            if self.args.online:
-                logs["skipped_groups"] = self.skipped_groups
+            logs |= self._counters()
         self._metrics[mode].clear()
         super().log(logs, start_time)
+
+
+class PolicyTrainer(AlignTrainer):
+    """Trains a LoRA policy (the reference is the same model, adapter disabled). A subclass sets
+    ``needs_reference`` and ``online_pairs`` and implements ``objective``."""
+
+    needs_reference: ClassVar[bool] = False
+    online_pairs: ClassVar[bool] = False  # online: reduce each sampled group to (best, worst) for a pair loss
+
+    def __init__(self, model, args: AlignConfig, train_dataset, processing_class: PreTrainedTokenizerBase,
+                 eval_dataset=None, reward_fn: RewardFunction | None = None, sampler: Sampler | None = None,
+                 callbacks=None):
+        if args.online and (reward_fn is None or sampler is None):
+            raise ValueError("online training needs a reward function and a sampler")
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, callbacks=callbacks)
+        self.reward_fn, self.sampler = reward_fn, sampler
+        self.skipped_groups = 0  # online groups dropped: a failed reward, or (pair losses) all rewards equal
+        self.rollouts_this_step = 0
+        if args.online:
+            self.add_callback(SyncSamplerCallback(self))
+        if args.precompute_ref_logps and self.uses_reference:
+            self.train_dataset = self._with_reference_logps(self.train_dataset)
+            if self.eval_dataset is not None:
+                self.eval_dataset = self._with_reference_logps(self.eval_dataset)
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.needs_reference
+
+    @classmethod
+    def load_model(cls, config: AlignConfig, model_path: str, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+        return load_policy(model_path, adapter_path=config.adapter_path, dtype=config.dtype,
+                           trust_remote_code=config.trust_remote_code, r=config.lora_r, alpha=config.lora_alpha,
+                           dropout=config.lora_dropout, target_modules=config.lora_target_modules or "all-linear")
+
+    def evaluate_task(self, task: Task, prompts: list) -> dict:
+        """The policy against its reference on the same prompts and seeds, under the task's reward."""
+        model, a = self.accelerator.unwrap_model(self.model), self.args
+        return evaluate_against_reference(model, self.processing_class, prompts, task.reward,
+                                          max_new_tokens=a.max_new_tokens, seed=a.seed + 1, n=4)
+
+    def _with_reference_logps(self, dataset: ExampleDataset) -> ExampleDataset:
+        """The examples with their reference log-probs (``ref_logps``, read by the collator), from the cache
+        or one no-grad pass (rank 0 first; the other ranks then read its cache)."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError("precompute_ref_logps runs before the model is sharded, so not with FSDP or DeepSpeed; "
+                             "leave it off there (the reference forward then runs every step)")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.accelerator.main_process_first():
+                logps = cached_reference_logps(self.model, dataset, self.processing_class.pad_token_id,
+                                               batch_size=self.args.per_device_eval_batch_size,
+                                               length_normalize=self.args.length_normalize)
+        finally:
+            self.model.train(was_training)
+        examples = [{**dataset[i], "ref_logps": row} for i, row in enumerate(logps.tolist())]
+        return ExampleDataset(examples, dataset.stats)
+
+    # --- the algorithm ------------------------------------------------------------------------
+    def objective(self, logps: LogProbs, ref_logps: torch.Tensor | None, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Per-prompt losses (B,) and a dict of scalar metrics."""
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        k = batch["group_size"]
+        forward = {key: batch[key] for key in ("input_ids", "attention_mask", "completion_mask")}
+        logps = LogProbs(completion_logps(model, **forward), batch["completion_mask"], k, self.args.length_normalize)
+        ref_logps = None
+        if self.uses_reference:
+            ref_logps = batch.get("ref_logps")
+            if ref_logps is None:
+                ref_token = reference_completion_logps(self.accelerator.unwrap_model(model), **forward)
+                ref_logps = sequence_logps(ref_token, batch["completion_mask"],
+                                           length_normalize=self.args.length_normalize).view(-1, k)
+        return self.objective(logps, ref_logps, batch)
+
+    def log_ratio_metrics(self, logps: LogProbs, ref_logps: torch.Tensor) -> dict:
+        """log π(y|x) − log π_ref(y|x) per completion (summed over tokens). Its mean estimates KL(π‖π_ref) only
+        on the policy's own samples drawn at temperature 1 without truncation; there it is logged as ``kl``
+        (the k1 estimator) beside ``kl_k3`` = mean of (r − 1) − log r, r = π_ref/π, unbiased and lower in
+        variance (Schulman 2020, "Approximating KL divergence"). Elsewhere (offline data, best/worst pairs,
+        tempered or truncated sampling) only ``log_ratio/mean`` is logged."""
+        log_ratio = (logps.sequence - ref_logps).detach()
+        if self.args.length_normalize:  # per-token means back to sums
+            log_ratio = log_ratio * logps.n_tokens
+        metrics = {"log_ratio/mean": log_ratio.mean()}
+        a = self.args
+        if a.online and not self.online_pairs and a.temperature == 1 and a.top_p == 1 and a.top_k == 0:
+            metrics |= {"kl": log_ratio.mean(), "kl_k3": (torch.expm1(-log_ratio) + log_ratio).mean()}
+        return metrics
+
+    def prepare_batch(self, inputs: dict) -> dict | None:
+        if "prompt_ids" not in inputs:
+            return inputs
+        a = self.args
+        # Seeds differ for every (run seed, step, micro-batch, rank, training or evaluation) and are a function
+        # of them alone, so a resumed run samples exactly what it would have; the sampler derives each
+        # prompt's and sample's seed from this one.
+        seed = derive_seed(a.seed, self.state.global_step, self.rollouts_this_step, self.accelerator.process_index,
+                           int(self.model.training))
+        self.rollouts_this_step += 1
+        params = SamplingParams(n=a.num_generations, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                                top_p=a.top_p, top_k=a.top_k, seed=seed)
+        batch, metrics = rollout(inputs["prompt_ids"], self.sampler, self.reward_fn, params, self.processing_class,
+                                 pairs=self.online_pairs, on_error=a.reward_on_error, retries=a.reward_retries,
+                                 timeout=a.reward_timeout)
+        self.skipped_groups += metrics.pop("skipped_groups")
+        self._record(metrics)
+        return None if batch is None else {key: v.to(a.device) if torch.is_tensor(v) else v for key, v in batch.items()}
+
+    def _counters(self) -> dict:
+        return super()._counters() | ({"skipped_groups": self.skipped_groups} if self.args.online else {})
+
+    def _resume_state(self) -> dict:
+        return super()._resume_state() | {"skipped_groups": self.skipped_groups}
+
+    def _restore(self, checkpoint: str) -> dict:
+        saved = super()._restore(checkpoint)
+        self.skipped_groups = saved["skipped_groups"]
+        return saved

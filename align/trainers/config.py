@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from transformers import TrainingArguments
+
+from align.config import require
 
 
 @dataclass
@@ -15,7 +18,7 @@ class AlignConfig(TrainingArguments):
     # --- model -------------------------------------------------------------------------------
     model: str = field(default="builtin:demo", metadata={"help": "HF model path or hub id; builtin:demo = the offline demo base model."})
     adapter_path: str | None = field(default=None, metadata={"help": "Start from a saved LoRA adapter instead of a new one."})
-    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
+    dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the checkpoint. Only for models you trust."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
@@ -28,7 +31,7 @@ class AlignConfig(TrainingArguments):
     eval_dataset: str | None = field(default=None, metadata={"help": "Optional evaluation dataset (same forms as `dataset`)."})
     max_length: int = field(default=1024, metadata={"help": "Max prompt + completion tokens; completions are cut at the end."})
     max_prompt_length: int = field(default=512, metadata={"help": "Max prompt tokens; longer prompts keep their last tokens."})
-    on_bad_row: str = field(default="error", metadata={"help": "error: stop at the first bad row (file, row, field named); skip: drop and count."})
+    on_bad_row: Literal["error", "skip"] = field(default="error", metadata={"help": "error: stop at the first bad row (file, row, field named); skip: drop and count."})
     length_normalize: bool = field(default=False, metadata={"help": "Average instead of sum token log-probs per completion."})
     precompute_ref_logps: bool = field(default=False, metadata={"help": "Offline: compute the reference log-probs of the dataset once before training (cached in $ALIGN_CACHE/ref_logps) instead of a reference forward every step."})
     # --- on-policy sampling (online training) -------------------------------------------------
@@ -39,22 +42,22 @@ class AlignConfig(TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
-    sampler: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm."})
-    vllm_mode: str = field(default="colocate", metadata={"help": "colocate (engine in this process) or server (`align serve`)."})
+    sampler: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers generate) or vllm."})
+    vllm_mode: Literal["colocate", "server"] = field(default="colocate", metadata={"help": "colocate (engine in this process) or server (`align serve`)."})
     vllm_server_url: str = field(default="http://127.0.0.1:8000", metadata={"help": "Server mode: where `align serve` listens."})
-    vllm_sync: str = field(default="merged", metadata={"help": "merged (full weights) or adapter (LoRA request) weight sync."})
+    vllm_sync: Literal["merged", "adapter"] = field(default="merged", metadata={"help": "merged (full weights) or adapter (LoRA request) weight sync."})
     vllm_sync_every: int = field(default=1, metadata={"help": "Sync vLLM weights every N optimizer steps."})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM GPU memory fraction (colocate)."})
     vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor-parallel size."})
-    reward_on_error: str = field(default="stop", metadata={"help": "A failing reward: stop, or skip its prompts (counted)."})
+    reward_on_error: Literal["stop", "skip"] = field(default="stop", metadata={"help": "A failing reward: stop, or skip its prompts (counted)."})
     reward_retries: int = field(default=0, metadata={"help": "Retries of a reward call that raised."})
     reward_timeout: float | None = field(default=None, metadata={"help": "Seconds a reward call may take (main thread, SIGALRM); a time-out is handled like an error."})
     # --- robustness --------------------------------------------------------------------------
-    on_nonfinite: str = field(default="skip", metadata={"help": "NaN/inf loss or gradient: skip the step (counted) or stop."})
+    on_nonfinite: Literal["skip", "stop"] = field(default="skip", metadata={"help": "NaN/inf loss or gradient: skip the step (counted) or stop."})
     torch_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads; 1 is fastest for tiny models."})
-    # --- built-in demo -----------------------------------------------------------------------
-    demo_train_prompts: int = field(default=512, metadata={"help": "builtin:demo: training prompts."})
-    demo_eval_prompts: int = field(default=128, metadata={"help": "builtin:demo: held-out evaluation prompts."})
+    # --- built-in tasks (`dataset: builtin:<task>`) ----------------------------------------------
+    task_train_prompts: int = field(default=512, metadata={"help": "Built-in task: training prompts."})
+    task_eval_prompts: int = field(default=128, metadata={"help": "Built-in task: held-out prompts of the final evaluation."})
 
     # TrainingArguments defaults that suit alignment runs.
     remove_unused_columns: bool = False
@@ -71,36 +74,29 @@ class AlignConfig(TrainingArguments):
         if not self.output_dir:
             raise ValueError("output_dir is required")
         super().__post_init__()
-        checks = {  # name: (holds, the rule it breaks)
-            "lora_r": (self.lora_r >= 1, ">= 1"), "lora_alpha": (self.lora_alpha > 0, "> 0"),
-            "lora_dropout": (0 <= self.lora_dropout < 1, "in [0, 1)"), "max_length": (self.max_length >= 2, ">= 2"),
-            "max_prompt_length": (1 <= self.max_prompt_length < self.max_length, ">= 1 and < max_length"),
-            "num_generations": (self.num_generations >= 2, ">= 2"), "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
-            "temperature": (self.temperature > 0, "> 0"), "top_p": (0 < self.top_p <= 1, "in (0, 1]"),
-            "top_k": (self.top_k >= 0, ">= 0 (0 = off)"), "vllm_sync_every": (self.vllm_sync_every >= 1, ">= 1"),
-            "reward_retries": (self.reward_retries >= 0, ">= 0"),
-            "reward_timeout": (self.reward_timeout is None or self.reward_timeout > 0, "> 0 seconds, or null for none"),
-            "vllm_gpu_memory_utilization": (0 < self.vllm_gpu_memory_utilization <= 1, "in (0, 1]"),
-            "vllm_tensor_parallel_size": (self.vllm_tensor_parallel_size >= 1, ">= 1"),
-            "demo_train_prompts": (self.demo_train_prompts >= 1, ">= 1"), "demo_eval_prompts": (self.demo_eval_prompts >= 1, ">= 1"),
+        for name, ok, rule in [
+            ("lora_r", self.lora_r >= 1, ">= 1"), ("lora_alpha", self.lora_alpha > 0, "> 0"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"), ("max_length", self.max_length >= 2, ">= 2"),
+            ("max_prompt_length", 1 <= self.max_prompt_length < self.max_length, ">= 1 and < max_length"),
+            ("num_generations", self.num_generations >= 2, ">= 2"), ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature > 0, "> 0"), ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 = off)"), ("vllm_sync_every", self.vllm_sync_every >= 1, ">= 1"),
+            ("reward_retries", self.reward_retries >= 0, ">= 0"),
+            ("reward_timeout", self.reward_timeout is None or self.reward_timeout > 0, "> 0 seconds, or null for none"),
+            ("vllm_gpu_memory_utilization", 0 < self.vllm_gpu_memory_utilization <= 1, "in (0, 1]"),
+            ("vllm_tensor_parallel_size", self.vllm_tensor_parallel_size >= 1, ">= 1"),
+            ("task_train_prompts", self.task_train_prompts >= 1, ">= 1"),
+            ("task_eval_prompts", self.task_eval_prompts >= 1, ">= 1"),
             # TrainingArguments values that would otherwise fail later, deep inside torch or transformers
-            "learning_rate": (self.learning_rate > 0, "> 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
-            "num_train_epochs": (self.num_train_epochs > 0, "> 0"),
-            "per_device_train_batch_size": (self.per_device_train_batch_size >= 1, ">= 1"),
-            "per_device_eval_batch_size": (self.per_device_eval_batch_size >= 1, ">= 1"),
-            "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, ">= 1"),
-            "save_steps": (self.save_strategy != "steps" or self.save_steps > 0, "> 0 with save_strategy=steps"),
-            "seed": (0 <= self.seed < 2**32, "in [0, 2**32)"),
-        }
-        choices = {"dtype": ("float32", "bfloat16", "float16"), "on_bad_row": ("error", "skip"),
-                   "sampler": ("hf", "vllm"), "vllm_mode": ("colocate", "server"), "vllm_sync": ("merged", "adapter"),
-                   "reward_on_error": ("stop", "skip"), "on_nonfinite": ("skip", "stop")}
-        for name, (ok, rule) in checks.items():
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is out of range: it must be {rule}")
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+            ("learning_rate", self.learning_rate > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("num_train_epochs", self.num_train_epochs > 0, "> 0"),
+            ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, ">= 1"),
+            ("per_device_eval_batch_size", self.per_device_eval_batch_size >= 1, ">= 1"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
+            ("save_steps", self.save_strategy != "steps" or self.save_steps > 0, "> 0 with save_strategy=steps"),
+            ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"),
+        ]:
+            require(ok, name, getattr(self, name), rule)
         if self.online and not self.reward:
             raise ValueError("online=true needs a `reward` (builtin:<task>, module:function or rm:<dir>)")
         if self.online and self.precompute_ref_logps:

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from align.config import require
 from align.objectives import copg_loss
-from align.trainers.base import AlignTrainer, LogProbs
+from align.trainers.base import LogProbs, PolicyTrainer
 from align.trainers.config import AlignConfig
 
 
@@ -18,26 +19,24 @@ class CoPGConfig(AlignConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"beta={self.beta!r} must be > 0")
+        require(self.beta > 0, "beta", self.beta, "> 0")
 
 
-class CoPGTrainer(AlignTrainer):
+class CoPGTrainer(PolicyTrainer):
+    """Uses the rewards themselves, ties included: every batch must carry them."""
+
+    config_class = CoPGConfig
+    data_kinds = ("pairs", "groups")
     needs_reference = True
-    orders_by_reward = False  # CoPG uses the rewards themselves, ties included
+
+    @classmethod
+    def requires_scores(cls, config: CoPGConfig, kind: str) -> bool:
+        return True
 
     def objective(self, logps: LogProbs, ref_logps: torch.Tensor, batch: dict):
-        if "scores" not in batch:
-            raise ValueError("CoPG needs rewards: give `rewards` (or chosen_reward/rejected_reward) in the data, "
-                             "or set `reward` so they are computed")
         rewards, beta = batch["scores"], self.args.beta
         losses = copg_loss(logps.sequence, ref_logps, rewards, beta=beta)
-        log_ratio = (logps.sequence - ref_logps).detach()
-        regularised = rewards - beta * log_ratio  # R^π_β; at CoPG's optimum it is equal across a group
-        metrics = {
-            "reward/mean": rewards.mean(),
-            "reward/std": rewards.std(unbiased=False),
-            "kl": log_ratio.mean(),  # Monte-Carlo KL(π‖π_ref) on on-policy samples
-            "copg/reg_reward_gap": (regularised.max(1).values - regularised.min(1).values).mean(),
-        }
-        return losses, metrics
+        regularised = rewards - beta * (logps.sequence - ref_logps).detach()  # R^π_β: equal across a group at the optimum
+        metrics = {"reward/mean": rewards.mean(), "reward/std": rewards.std(unbiased=False),
+                   "copg/reg_reward_gap": (regularised.max(1).values - regularised.min(1).values).mean()}
+        return losses, metrics | self.log_ratio_metrics(logps, ref_logps)

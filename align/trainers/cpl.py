@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import TrainerCallback, get_scheduler
 
+from align.config import require
 from align.objectives import cpl_loss, cpl_ranked_loss
-from align.trainers.base import AlignTrainer, LogProbs
+from align.trainers.base import LogProbs, PolicyTrainer
 from align.trainers.config import AlignConfig
 from align.trainers.metrics import pair_metrics
 
@@ -20,38 +23,89 @@ class CPLConfig(AlignConfig):
     lam: float = field(default=1.0, metadata={"help": "Conservative bias λ ∈ (0, 1] on the rejected segment (paper Eq. 6)."})
     bc_weight: float = field(default=0.0, metadata={"help": "CPL-BC: weight of the mean token NLL on all responses."})
     bc_warmup_steps: int = field(default=0, metadata={"help": "Steps of BC only (on all responses) before CPL starts."})
+    bc_restart: bool = field(default=True, metadata={"help": "After the BC warm-up, restart the optimizer (fresh Adam moments) and the learning-rate schedule (its warm-up included) as the official CPL code does; false: one optimizer and schedule throughout."})
     use_reference: bool = field(default=False, metadata={"help": "CPL-KL: scores α·(log π − log π_ref); λ=1 gives DPO(β=α)."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.alpha <= 0:
-            raise ValueError(f"alpha={self.alpha!r} must be > 0")
-        if not 0 < self.lam <= 1:
-            raise ValueError(f"lam={self.lam!r} must lie in (0, 1]")
-        if self.bc_weight < 0 or self.bc_warmup_steps < 0:
-            raise ValueError("bc_weight and bc_warmup_steps must be >= 0")
+        require(self.alpha > 0, "alpha", self.alpha, "> 0")
+        require(0 < self.lam <= 1, "lam", self.lam, "in (0, 1]")
+        require(self.bc_weight >= 0, "bc_weight", self.bc_weight, ">= 0")
+        require(self.bc_warmup_steps >= 0, "bc_warmup_steps", self.bc_warmup_steps, ">= 0")
 
 
-class CPLTrainer(AlignTrainer):
-    """Pairs use ``cpl_loss``; groups of K > 2 scored responses use the all-pairs ``cpl_ranked_loss``."""
+class RestartOptimizer(TrainerCallback):
+    """Clears the optimizer's state (Adam moments) when the contrastive phase begins: a fresh optimizer."""
+
+    def __init__(self, trainer: "CPLTrainer"):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == args.bc_warmup_steps:
+            self.trainer.optimizer.state.clear()
+
+
+class CPLTrainer(PolicyTrainer):
+    """Scored batches (groups with rewards, online samples) use the ranked ``cpl_ranked_loss``, which drops
+    exact ties and equals ``cpl_loss`` on an ordered pair; plain preference pairs (chosen first) use
+    ``cpl_loss``. With ``bc_warmup_steps`` the first steps train BC alone."""
+
+    config_class = CPLConfig
+    data_kinds = ("pairs", "groups")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.bc_warmup_steps and self.args.bc_restart:
+            self.add_callback(RestartOptimizer(self))
+
+    @classmethod
+    def requires_scores(cls, config: CPLConfig, kind: str) -> bool:
+        return kind == "groups"  # a group has no order without rewards
 
     @property
-    def needs_reference(self) -> bool:
+    def uses_reference(self) -> bool:
         return self.args.use_reference
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """With ``bc_restart`` the schedule runs twice: over the BC warm-up, then again from its start (its
+        warm-up included) over the contrastive steps."""
+        warmup = self.args.bc_warmup_steps
+        if not (warmup and self.args.bc_restart) or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = optimizer or self.optimizer
+        a = self.args
+
+        def schedule(steps: int):  # the configured schedule over `steps` steps, as a function of the step
+            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            return get_scheduler(a.lr_scheduler_type, dummy, num_warmup_steps=min(a.get_warmup_steps(steps), steps),
+                                 num_training_steps=steps, scheduler_specific_kwargs=a.lr_scheduler_kwargs).lr_lambdas[0]
+
+        bc, contrastive = schedule(warmup), schedule(max(num_training_steps - warmup, 1))
+        self.lr_scheduler = LambdaLR(optimizer, lambda step: bc(step) if step < warmup else contrastive(step - warmup))
+        return self.lr_scheduler
 
     def objective(self, logps: LogProbs, ref_logps: torch.Tensor | None, batch: dict):
         a = self.args
         seq = logps.sequence
-        ref_chosen = ref_rejected = None
-        if ref_logps is not None:
-            ref_chosen, ref_rejected = ref_logps[:, 0], ref_logps[:, 1]
-        if seq.shape[1] == 2:
+        scores = batch.get("scores")
+        if scores is not None:
+            losses = cpl_ranked_loss(seq, scores, alpha=a.alpha, lam=a.lam, ref_logps=ref_logps)
+            chosen, rejected = scores.argmax(dim=1), scores.argmin(dim=1)
+            decided = scores.max(dim=1).values > scores.min(dim=1).values
+        else:  # preference pairs: chosen first
+            ref_chosen, ref_rejected = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
             losses = cpl_loss(seq[:, 0], seq[:, 1], alpha=a.alpha, lam=a.lam,
                               ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
-        else:
-            losses = cpl_ranked_loss(seq, batch["scores"], alpha=a.alpha, lam=a.lam, ref_logps=ref_logps)
-        scores = a.alpha * (seq if ref_logps is None else seq - ref_logps)
-        metrics = pair_metrics(scores[:, 0], scores[:, -1], seq[:, 0], seq[:, -1])
+            chosen, rejected = torch.zeros_like(seq[:, 0], dtype=torch.long), torch.ones_like(seq[:, 0], dtype=torch.long)
+            decided = torch.ones_like(seq[:, 0], dtype=torch.bool)
+        implicit = a.alpha * (seq if ref_logps is None else seq - ref_logps)
+
+        def pick(x, column):
+            return x.gather(1, column[:, None])[:, 0][decided]
+
+        metrics = pair_metrics(pick(implicit, chosen), pick(implicit, rejected), pick(seq, chosen), pick(seq, rejected))
+        if ref_logps is not None:
+            metrics |= self.log_ratio_metrics(logps, ref_logps)
         if a.bc_weight > 0 or self.state.global_step < a.bc_warmup_steps:
             # BC on all responses: mean token NLL of each prompt's completions (official code, bc_data="all")
             bc = -logps.token.view(seq.shape[0], -1).sum(-1) / logps.n_tokens.sum(-1).clamp(min=1)

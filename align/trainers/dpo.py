@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from align.config import require
 from align.objectives import dpo_loss, ipo_loss
-from align.trainers.base import AlignTrainer, LogProbs
+from align.trainers.base import LogProbs, PolicyTrainer
 from align.trainers.config import AlignConfig
 from align.trainers.metrics import pair_metrics
 
@@ -17,21 +19,24 @@ LOSSES = {"sigmoid": dpo_loss, "ipo": ipo_loss}
 @dataclass
 class DPOConfig(AlignConfig):
     beta: float = field(default=0.1, metadata={"help": "β of DPO, τ of IPO."})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo. TRL's IPO also sets length_normalize."})
+    loss_type: Literal["sigmoid", "ipo"] = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo. TRL's IPO also sets length_normalize."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"beta={self.beta!r} must be > 0")
-        if self.loss_type not in LOSSES:
-            raise ValueError(f"loss_type={self.loss_type!r}: choose one of {', '.join(LOSSES)}")
+        require(self.beta > 0, "beta", self.beta, "> 0")
 
 
-class DPOTrainer(AlignTrainer):
+class DPOTrainer(PolicyTrainer):
+    """Offline on (chosen, rejected) pairs; online, each prompt's best and worst samples form the pair
+    (groups whose rewards are all equal are dropped)."""
+
+    config_class = DPOConfig
     needs_reference = True
+    online_pairs = True
 
     def objective(self, logps: LogProbs, ref_logps: torch.Tensor, batch: dict):
         seq, beta = logps.sequence, self.args.beta
         losses = LOSSES[self.args.loss_type](seq[:, 0], seq[:, 1], ref_logps[:, 0], ref_logps[:, 1], beta=beta)
         rewards = beta * (seq - ref_logps)
-        return losses, pair_metrics(rewards[:, 0], rewards[:, 1], seq[:, 0], seq[:, 1])
+        metrics = pair_metrics(rewards[:, 0], rewards[:, 1], seq[:, 0], seq[:, 1]) | self.log_ratio_metrics(logps, ref_logps)
+        return losses, metrics

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from align.checkpoints import cache_dir
+from align.cache import cache_dir
 from align.data import GroupCollator, padded_length
 from align.models import reference_completion_logps, sequence_logps
 

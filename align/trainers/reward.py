@@ -27,33 +27,27 @@ Part A. Where the paper is silent, align chooses (and says so at the option):
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from align import checkpoints, demo
-from align.config import ConfigError
+from align import checkpoints
 from align.data import DataError, ExampleDataset, GroupCollator, build_dataset, load_records
-from align.data.examples import validate_row
-from align.models import load_causal_lm, load_tokenizer, wrap_lora
+from align.models import load_causal_lm, wrap_lora
 from align.objectives import (
     bradley_terry_loss,
     difference_views,
     flip_mask,
     metarm_difference,
-    preference_strength,
     simcse_loss,
 )
 from align.rewards.model import INFO_FILE, head_name, load_reward_backbone, reward_forward
+from align.tasks import Task
 from align.trainers.base import AlignTrainer
 from align.trainers.config import AlignConfig
 
@@ -168,10 +162,10 @@ def reward_metrics(rewards: torch.Tensor, batch: dict, strength_edges: torch.Ten
 class RewardTrainer(AlignTrainer):
     """Bradley-Terry reward model on (chosen, rejected) pairs; see the module docstring for the options."""
 
-    orders_by_reward = False
+    config_class = RewardConfig
 
     def __init__(self, model, args: RewardConfig, train_dataset, processing_class: PreTrainedTokenizerBase,
-                 eval_dataset=None, reward_fn=None, sampler=None, callbacks=None):
+                 eval_dataset=None, callbacks=None):
         examples = [train_dataset[i] for i in range(len(train_dataset))]
         has_strength = all("strength_mean" in ex for ex in examples)
         if args.uses_strength and not has_strength:
@@ -195,7 +189,7 @@ class RewardTrainer(AlignTrainer):
                 quantiles = torch.arange(1, args.strength_buckets) / args.strength_buckets
                 self.strength_edges = torch.quantile(strength, quantiles)
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
-                         eval_dataset=eval_dataset, reward_fn=reward_fn, sampler=sampler, callbacks=callbacks)
+                         eval_dataset=eval_dataset, callbacks=callbacks)
         if args.contrastive != "none":
             p = args.contrastive_dropout
             self.model.get_input_embeddings().register_forward_hook(
@@ -204,8 +198,8 @@ class RewardTrainer(AlignTrainer):
         self.meta_lr = args.learning_rate if args.meta_lr is None else args.meta_lr
 
     # --- the model -----------------------------------------------------------------------------
-    @staticmethod
-    def load_model(config: RewardConfig, model_path: str, tokenizer: PreTrainedTokenizerBase) -> PeftModel:
+    @classmethod
+    def load_model(cls, config: RewardConfig, model_path: str, tokenizer: PreTrainedTokenizerBase) -> PeftModel:
         """The reward model ``align train`` builds: a one-output sequence-classification model with a
         new LoRA adapter whose saved modules include the newly initialised head (both drawn from
         ``config.seed``), or a saved adapter from ``adapter_path`` (trainable)."""
@@ -245,7 +239,7 @@ class RewardTrainer(AlignTrainer):
         diffs_b = difference_views(view_b[0::2], view_b[1::2])
         return simcse_loss(diffs_a, diffs_b, temperature=tau).view(2, -1).mean(0)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def loss(self, model, inputs: dict) -> tuple[torch.Tensor, dict]:
         if inputs.get("group_size") != 2:
             raise ValueError("reward models train on (chosen, rejected) pairs; got groups of "
                              f"{inputs.get('group_size', 0)} completions")
@@ -260,11 +254,7 @@ class RewardTrainer(AlignTrainer):
             cl = self.contrastive_losses(*features.chunk(2))
             losses = losses + self.args.contrastive_weight * cl
             metrics["contrastive_loss"] = cl.detach().mean()
-        loss = losses.mean()
-        if not torch.isfinite(loss):
-            return self._nonfinite_loss(model)
-        self._record(metrics)
-        return (loss, None) if return_outputs else loss
+        return losses, metrics
 
     # --- MetaRM (§3.2, Alg. 1) ------------------------------------------------------------------
     def _meta_batches(self):
@@ -323,13 +313,13 @@ class RewardTrainer(AlignTrainer):
         path = checkpoints.output_path(output_dir or a.output_dir, INFO_FILE)
         checkpoints.write_atomic(path, json.dumps(info, indent=2))
 
-    def evaluate_demo(self, prompts: list[str]) -> dict:
-        """Accuracy on held-out demo pairs against the true reward (true ties left out) and against their
-        Bradley-Terry-sampled labels."""
+    def evaluate_task(self, task: Task, prompts: list) -> dict:
+        """Accuracy on held-out pairs of the task (sampled from the base policy) against its true reward
+        (true ties left out) and against their labels."""
         a, tokenizer = self.args, self.processing_class
-        policy = load_causal_lm(str(demo.base_model_path()), dtype=a.dtype)
-        rows = demo.preference_pairs(policy, tokenizer, prompts, seed=a.seed + 1, max_new_tokens=a.max_new_tokens)
-        data = build_dataset(rows, tokenizer, source="builtin:demo (held out)", kinds=("pairs",),
+        policy = load_causal_lm(task.base_model() if task.base_model else a.model, dtype=a.dtype)
+        rows = task.preference_pairs(policy, tokenizer, prompts, seed=a.seed + 1, max_new_tokens=a.max_new_tokens)
+        data = build_dataset(rows, tokenizer, source=f"builtin:{task.name} (held out)", kinds=("pairs",),
                              max_length=a.max_length, max_prompt_length=a.max_prompt_length)
         rewards = pair_rewards(self.accelerator.unwrap_model(self.model), data, tokenizer.pad_token_id)
         diff = rewards[:, 0] - rewards[:, 1]
@@ -338,91 +328,3 @@ class RewardTrainer(AlignTrainer):
         return {"heldout_pairs": len(data),
                 "heldout_accuracy_true": ((diff > 0) == (true > 0))[decided].float().mean().item(),
                 "heldout_accuracy_labels": (diff > 0).float().mean().item()}
-
-
-# --- preference strength (§2.2, Eq. 4) ------------------------------------------------------------
-def ensemble_memory(model: PeftModel, adapters: list[str]) -> dict:
-    """Parameter bytes of one frozen base with these adapters vs as many full copies of the model."""
-    per_adapter = dict.fromkeys(adapters, 0)
-    base = 0
-    for name, p in model.named_parameters():
-        owner = next((a for a in adapters if f".{a}." in name), None)
-        if owner is None:
-            base += p.numel() * p.element_size()
-        else:
-            per_adapter[owner] += p.numel() * p.element_size()
-    shared = base + sum(per_adapter.values())
-    return {"base_bytes": base, "adapter_bytes": max(per_adapter.values()), "ensemble_bytes": shared,
-            "full_copies_bytes": len(adapters) * base, "saving": len(adapters) * base / shared}
-
-
-def strength_ensemble(config: RewardConfig, model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset,
-                      num_models: int) -> dict:
-    """Train ``num_models`` plain Bradley-Terry reward models on the same pairs, each with its own seed
-    (adapter and head initialisation, data order), as LoRA adapters with their own heads on ``model``'s
-    one frozen base; return the reward differences ``diffs`` (M, N) and their ``mean``/``std`` (Eq. 4,
-    population std)."""
-    if num_models < 2:
-        raise ValueError(f"the strength ensemble needs at least 2 models, got {num_models}")
-    lora_config, head = model.peft_config["default"], head_name(model)
-    init_std = getattr(model.config, "initializer_range", 0.02)
-    names, diffs = [], []
-    for m in range(num_models):
-        name = "default" if m == 0 else f"member{m}"  # member 0 is the adapter `load_model` made
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed + m)
-            if m > 0:
-                model.add_adapter(name, copy.deepcopy(lora_config))
-                torch.nn.init.normal_(getattr(model.get_base_model(), head).modules_to_save[name].weight, std=init_std)
-        model.set_adapter(name)
-        args = dataclasses.replace(config, **PLAIN_BT, seed=config.seed + m, save_strategy="no", eval_strategy="no",
-                                   output_dir=str(Path(config.output_dir) / "strength" / f"member{m}"))
-        start = time.perf_counter()
-        RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
-        rewards = pair_rewards(model, dataset, tokenizer.pad_token_id, batch_size=config.per_device_eval_batch_size)
-        diffs.append(rewards[:, 0] - rewards[:, 1])
-        names.append(name)
-        logger.info("strength ensemble: model %d/%d trained in %.1fs, train accuracy %.3f", m + 1, num_models,
-                    time.perf_counter() - start, (diffs[-1] > 0).float().mean().item())
-    diffs = torch.stack(diffs)
-    mean, std = preference_strength(diffs)
-    return {"diffs": diffs, "mean": mean, "std": std, "memory": ensemble_memory(model, names)}
-
-
-def strength_main(config_path: str, overrides: dict, num_models: int, out_path: str) -> dict:
-    """``align rm strength``: train the ensemble of ``num_models`` reward models described by a ``trainer:
-    reward`` config (its denoising/contrastive/MetaRM options are ignored: the ensemble is plain BT) and
-    write its pairs with ``strength_mean``/``strength_std`` added as JSON lines to ``out_path``."""
-    from align import api  # the config -> data pipeline; api imports the trainers, so not at module level
-
-    config = api.load_config(config_path, {**overrides, **PLAIN_BT})
-    if not isinstance(config, RewardConfig):
-        raise ConfigError(f"{config_path}: align rm strength needs `trainer: reward`")
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    start = time.perf_counter()
-    model_path = api._model_path(config)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=config.trust_remote_code)
-    model = RewardTrainer.load_model(config, model_path, tokenizer)
-    rows = api._rows(config, config.dataset, model, tokenizer)
-    kept = []
-    for index, row in enumerate(rows, start=1):  # the pairs build_dataset keeps, so rows and examples align
-        try:
-            validate_row(row, "pairs", config.dataset, index)
-        except DataError:
-            if config.on_bad_row == "error":
-                raise
-            continue
-        kept.append(row)
-    dataset = build_dataset(kept, tokenizer, source=config.dataset, kinds=("pairs",), max_length=config.max_length,
-                            max_prompt_length=config.max_prompt_length)
-    result = strength_ensemble(config, model, tokenizer, dataset, num_models)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for row, mean, std in zip(kept, result["mean"].tolist(), result["std"].tolist()):
-            f.write(json.dumps({**row, "strength_mean": mean, "strength_std": std}) + "\n")
-    mean = result["mean"]
-    return {"pairs": len(kept), "skipped_rows": len(rows) - len(kept), "num_models": num_models, "output": str(out),
-            "strength_mean_avg": mean.mean().item(), "negative_fraction": (mean < 0).float().mean().item(),
-            "memory": result["memory"], "seconds": time.perf_counter() - start}
