@@ -1,4 +1,5 @@
-"""Numeric properties of the preference objectives (notes cpl_copg_dpo_ipo.md §2.8, §3.9, §4)."""
+"""Numeric properties of the preference objectives: CPL (Hejna et al. 2023), CoPG (Flet-Berliac et al.
+2024), DPO (Rafailov et al. 2023) and IPO (Azar et al. 2023), and the implicit rewards they return."""
 
 import itertools
 import math
@@ -7,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.objectives import copg_loss, cpl_loss, cpl_ranked_loss, dpo_loss, ipo_loss
+from align.objectives import (
+    GroupLossOutput,
+    PairLossOutput,
+    copg_loss,
+    cpl_loss,
+    cpl_ranked_loss,
+    dpo_loss,
+    ipo_loss,
+)
 
 LN2 = math.log(2.0)
 
@@ -26,7 +35,7 @@ def randn(*shape, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# CPL (§2.8)
+# CPL
 
 
 @pytest.mark.parametrize("lp", [-10.0, -123.4, 0.0])
@@ -161,7 +170,7 @@ def test_cpl_ranked_ignores_non_finite_padding():
 
 
 # ----------------------------------------------------------------------------------------------
-# CoPG (§3.9)
+# CoPG
 
 
 def copg(pol, ref, rewards, beta, mask=None):
@@ -327,7 +336,7 @@ def test_copg_mask_drops_completions():
 
 
 # ----------------------------------------------------------------------------------------------
-# DPO and IPO (§4)
+# DPO and IPO
 
 
 def test_dpo_values_and_gradient():
@@ -352,6 +361,69 @@ def test_ipo_values_init_and_minimiser():
                           torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
                           beta=0.1), at_min)
     assert g.item() == pytest.approx(0.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Implicit rewards (return_rewards=True); the default return stays the (B,) loss tensor
+
+
+def assert_same_losses_and_detached(default, out):
+    assert isinstance(default, torch.Tensor) and not isinstance(default, tuple)
+    assert torch.equal(out.losses, default)
+    assert all(not r.requires_grad for r in out[1:])
+
+
+def test_dpo_and_ipo_return_beta_log_ratio_rewards():
+    w, l = leaf(-12.0, -20.0), leaf(-15.0, -19.0)
+    rw, rl = torch.tensor([-13.0, -18.0], dtype=torch.float64), torch.tensor([-14.0, -21.0], dtype=torch.float64)
+    for fn in (dpo_loss, ipo_loss):
+        out = fn(w, l, rw, rl, beta=0.1, return_rewards=True)
+        assert isinstance(out, PairLossOutput)
+        assert_same_losses_and_detached(fn(w, l, rw, rl, beta=0.1), out)
+        # β·(lp - ref): chosen (0.1·1, 0.1·(-2)), rejected (0.1·(-1), 0.1·2)
+        torch.testing.assert_close(out.chosen_rewards, torch.tensor([0.1, -0.2], dtype=torch.float64))
+        torch.testing.assert_close(out.rejected_rewards, torch.tensor([-0.1, 0.2], dtype=torch.float64))
+    # DPO's loss is -log σ of the reward margin
+    out = dpo_loss(w, l, rw, rl, beta=0.1, return_rewards=True)
+    torch.testing.assert_close(out.losses, F.softplus(-(out.chosen_rewards - out.rejected_rewards)))
+
+
+def test_cpl_returns_its_segment_scores():
+    w, l = leaf(-12.0), leaf(-15.0)
+    out = cpl_loss(w, l, alpha=0.1, lam=0.5, return_rewards=True)
+    assert_same_losses_and_detached(cpl_loss(w, l, alpha=0.1, lam=0.5), out)
+    assert out.chosen_rewards.item() == pytest.approx(-1.2)  # α·lp; λ acts inside the loss only
+    assert out.rejected_rewards.item() == pytest.approx(-1.5)
+    rw, rl = torch.tensor([-13.0], dtype=torch.float64), torch.tensor([-14.0], dtype=torch.float64)
+    out = cpl_loss(w, l, alpha=0.1, ref_chosen_logps=rw, ref_rejected_logps=rl, return_rewards=True)
+    assert (out.chosen_rewards.item(), out.rejected_rewards.item()) == pytest.approx((0.1, -0.1))
+
+
+def test_cpl_ranked_returns_per_completion_scores():
+    logps = leaf([-3.0, -5.0, -float("inf")])
+    ref = torch.tensor([[-4.0, -4.0, -4.0]], dtype=torch.float64)
+    scores = torch.tensor([[2.0, 1.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, False]])
+    out = cpl_ranked_loss(logps, scores, alpha=0.2, ref_logps=ref, mask=mask, return_rewards=True)
+    assert isinstance(out, GroupLossOutput)
+    assert_same_losses_and_detached(cpl_ranked_loss(logps, scores, alpha=0.2, ref_logps=ref, mask=mask), out)
+    torch.testing.assert_close(out.rewards, torch.tensor([[0.2, -0.2, 0.0]], dtype=torch.float64))
+
+
+def test_copg_returns_the_regularised_reward():
+    pol = leaf([-12.0, -15.0])
+    ref = torch.tensor([[-13.0, -14.0]], dtype=torch.float64)
+    rewards = torch.tensor([[1.0, -0.5]], dtype=torch.float64)
+    out = copg_loss(pol, ref, rewards, beta=0.1, return_rewards=True)
+    assert_same_losses_and_detached(copg_loss(pol, ref, rewards, beta=0.1), out)
+    # R_β = R - β·lr with lr = (1, -1)
+    torch.testing.assert_close(out.rewards, torch.tensor([[0.9, -0.4]], dtype=torch.float64))
+    # Its gap is the gradient's weight (Eq. 18-19): ∂loss/∂lp = -(R_β(y) - R_β(y')) = -1.3
+    (g,) = grads(out.losses, pol)
+    torch.testing.assert_close(g[:, 0], -(out.rewards[:, 0] - out.rewards[:, 1]))
+    mask = torch.tensor([[True, False]])
+    masked = copg_loss(pol, ref, rewards, beta=0.1, mask=mask, return_rewards=True)
+    torch.testing.assert_close(masked.rewards, torch.tensor([[0.9, 0.0]], dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,13 +3,41 @@
 Every function is a pure function of tensors and returns per-example losses of shape (B,)
 (callers choose the reduction). Log-probabilities are summed over completion tokens with
 padding masked out (``align.models.logprobs.completion_logps``), in fp32.
-Notation follows ``shared/papers/cpl_copg_dpo_ipo.md`` §1.
+Notation: ``lp(y)`` and ``ref(y)`` are a completion's summed log-probs under the policy and the
+reference, ``lr(y) = lp(y) - ref(y)``, and for a pair ``h = lr(w) - lr(l)``.
+
+With ``return_rewards=True`` each loss also returns the implicit rewards it scores completions with
+(detached, so trainers log them without re-deriving them): pair losses a ``PairLossOutput``, group
+losses a ``GroupLossOutput``. The default return value is the (B,) loss tensor alone.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+
+class PairLossOutput(NamedTuple):
+    """A pair loss with its implicit rewards: ``losses`` (B,); ``chosen_rewards``, ``rejected_rewards`` (B,)."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+class GroupLossOutput(NamedTuple):
+    """A group loss with its per-completion implicit rewards: ``losses`` (B,), ``rewards`` (B, K)."""
+
+    losses: torch.Tensor
+    rewards: torch.Tensor
+
+
+def _pair_output(
+    losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, return_rewards: bool
+) -> torch.Tensor | PairLossOutput:
+    return PairLossOutput(losses, chosen.detach(), rejected.detach()) if return_rewards else losses
 
 
 def _log_ratio(logps: torch.Tensor, ref_logps: torch.Tensor | None) -> torch.Tensor:
@@ -30,7 +58,7 @@ def _log_ratio_margin(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
 ) -> torch.Tensor:
-    """``h = lr(w) - lr(l)`` of notes §1, after checking that the four inputs share one shape."""
+    """``h = lr(w) - lr(l)``, after checking that the four inputs share one shape."""
     _check_same_shape(
         name,
         chosen_logps=chosen_logps,
@@ -49,13 +77,15 @@ def cpl_loss(
     lam: float = 1.0,
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_rewards: bool = False,
+) -> torch.Tensor | PairLossOutput:
     """Contrastive Preference Learning (Hejna et al. 2023), conservative form CPL(λ), paper Eq. 6.
 
     ``L = -log σ(α·lp(w) - λ·α·lp(l)) = softplus(-(S⁺ - λ S⁻))`` with segment score
     ``S = α Σ_t log π(a_t|s_t)`` (γ = 1, the official code's flat sum). λ ∈ (0, 1] down-weights the
     rejected segment; λ = 1 is the plain CPL loss of Eq. 5. With reference log-probs the scores are
     ``α·(lp - ref)`` (CPL-KL, ``research/algs/cpl_kl.py``), which for λ = 1 is DPO with β = α.
+    ``return_rewards=True``: ``PairLossOutput(losses, S⁺, S⁻)`` (λ weighs S⁻ inside the loss only).
     """
     if not 0.0 < lam <= 1.0:
         raise ValueError(f"cpl_loss: lam must lie in (0, 1], got {lam}")
@@ -70,7 +100,8 @@ def cpl_loss(
     )
     chosen_scores = alpha * _log_ratio(chosen_logps, ref_chosen_logps)
     rejected_scores = alpha * _log_ratio(rejected_logps, ref_rejected_logps)
-    return F.softplus(-(chosen_scores - lam * rejected_scores))
+    losses = F.softplus(-(chosen_scores - lam * rejected_scores))
+    return _pair_output(losses, chosen_scores, rejected_scores, return_rewards)
 
 
 def cpl_ranked_loss(
@@ -81,7 +112,8 @@ def cpl_ranked_loss(
     lam: float = 1.0,
     ref_logps: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_rewards: bool = False,
+) -> torch.Tensor | GroupLossOutput:
     """CPL for K ≥ 2 ranked responses per prompt: the official code's ``biased_bce_with_scores``.
 
     ``logps``, ``scores``: (B, K). For every ordered pair (i, j) with ``scores[j] > scores[i]``
@@ -90,6 +122,7 @@ def cpl_ranked_loss(
     Responses with equal scores form no pair (the code orders ties arbitrarily; dropping them is the
     order-independent choice). ``mask`` (B, K) marks valid responses. Returns (B,); a prompt with no
     valid pair gets loss 0. With K = 2 this equals ``cpl_loss``.
+    ``return_rewards=True``: ``GroupLossOutput(losses, a)``, ``a`` (B, K) with masked slots 0.
     """
     if not 0.0 < lam <= 1.0:
         raise ValueError(f"cpl_ranked_loss: lam must lie in (0, 1], got {lam}")
@@ -109,7 +142,8 @@ def cpl_ranked_loss(
         better = better & mask.unsqueeze(1).bool() & mask.unsqueeze(2).bool()
     pair_losses = torch.where(better, F.softplus(-logits), torch.zeros_like(logits))
     n_pairs = better.sum(dim=(1, 2))
-    return pair_losses.sum(dim=(1, 2)) / n_pairs.clamp(min=1)
+    losses = pair_losses.sum(dim=(1, 2)) / n_pairs.clamp(min=1)
+    return GroupLossOutput(losses, adv.detach()) if return_rewards else losses
 
 
 def dpo_loss(
@@ -119,14 +153,21 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float = 0.1,
-) -> torch.Tensor:
-    """DPO (Rafailov et al. 2023, Eq. 7): ``-log σ(β h)``, ``h = lr(w) - lr(l)``, ``lr = lp - ref``."""
+    return_rewards: bool = False,
+) -> torch.Tensor | PairLossOutput:
+    """DPO (Rafailov et al. 2023, Eq. 7): ``-log σ(β h)``, ``h = lr(w) - lr(l)``, ``lr = lp - ref``.
+
+    ``return_rewards=True``: ``PairLossOutput(losses, β·lr(w), β·lr(l))``, the implicit reward
+    ``β log π/π_ref`` of Sec. 4.
+    """
     if beta <= 0:
         raise ValueError(f"dpo_loss: beta must be > 0, got {beta}")
     h = _log_ratio_margin(
         "dpo_loss", chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    return F.softplus(-beta * h)
+    losses = F.softplus(-beta * h)
+    return _pair_output(losses, beta * (chosen_logps - ref_chosen_logps),
+                        beta * (rejected_logps - ref_rejected_logps), return_rewards)
 
 
 def ipo_loss(
@@ -136,18 +177,22 @@ def ipo_loss(
     ref_rejected_logps: torch.Tensor,
     *,
     beta: float = 0.1,
-) -> torch.Tensor:
+    return_rewards: bool = False,
+) -> torch.Tensor | PairLossOutput:
     """IPO (Azar et al. 2023, sampled loss Eq. 17): ``(h - 1/(2τ))²`` with τ = ``beta``.
 
     Acts on whatever log-probs it is given: summed (the paper, and CoPG's identity) or
     length-normalised (TRL's ``loss_type="ipo"``); the trainer's ``length_normalize`` chooses.
+    ``return_rewards=True``: ``PairLossOutput(losses, τ·lr(w), τ·lr(l))``, DPO's convention (as TRL's).
     """
     if beta <= 0:
         raise ValueError(f"ipo_loss: beta must be > 0, got {beta}")
     h = _log_ratio_margin(
         "ipo_loss", chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    return (h - 1.0 / (2.0 * beta)) ** 2
+    losses = (h - 1.0 / (2.0 * beta)) ** 2
+    return _pair_output(losses, beta * (chosen_logps - ref_chosen_logps),
+                        beta * (rejected_logps - ref_rejected_logps), return_rewards)
 
 
 def copg_loss(
@@ -157,17 +202,21 @@ def copg_loss(
     *,
     beta: float,
     mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_rewards: bool = False,
+) -> torch.Tensor | GroupLossOutput:
     """Contrastive Policy Gradient (Flet-Berliac et al. 2024), negated so that it is minimised.
 
     Inputs (B, k), k ≥ 2 completions of the same prompt, summed token log-probs. For k = 2 this is
     ``-ℓ_CoPG`` of paper Eq. 7-9:
     ``ℓ = (R_{β/2}(y) - R_{β/2}(y'))·lr(y) + (R_{β/2}(y') - R_{β/2}(y))·lr(y')`` with the regularised
     reward ``R_{β/2}(y) = R(y) - (β/2)·lr(y)``. For k > 2 it is the leave-one-out form
-    ``ℓ_k = 1/(k-1) Σ_{i<j} ℓ_CoPG(y_i, y_j)`` whose gradient is RLOO's on the regularised reward
-    (notes §3.4). The regularised reward is deliberately *not* detached: detaching moves the fixed
-    point to temperature β/2 (notes §3.8). ``mask`` (B, k) drops invalid completions (k counted
-    per prompt; a prompt with fewer than 2 valid completions gets loss 0).
+    ``ℓ_k = 1/(k-1) Σ_{i<j} ℓ_CoPG(y_i, y_j)`` (the pairwise form used online and offline by Cohere's
+    Command A report, 2025), whose gradient is RLOO's on the regularised reward ``R_β`` (Eq. 1-2), up to
+    the factor k (``rloo_loss``). The regularised reward is deliberately *not* detached: the gradient of
+    Eq. 18-19 needs the full β, and a detached β/2 would move the fixed point to temperature β/2.
+    ``mask`` (B, k) drops invalid completions (k counted per prompt; a prompt with fewer than 2 valid
+    completions gets loss 0). ``return_rewards=True``: ``GroupLossOutput(losses, R_β)`` with the
+    regularised reward ``R_β = R - β·lr`` (B, k), equal across a group at CoPG's optimum; masked slots 0.
     """
     if beta <= 0:
         raise ValueError(f"copg_loss: beta must be > 0, got {beta}")
@@ -185,4 +234,7 @@ def copg_loss(
     k = valid.sum(dim=1, keepdim=True).to(policy_logps.dtype)
     loo_mean = (reg_reward.sum(dim=1, keepdim=True) - reg_reward) / (k - 1).clamp(min=1)
     ell = ((reg_reward - loo_mean) * log_ratio).sum(dim=1)
-    return torch.where(k.squeeze(1) >= 2, -ell, torch.zeros_like(ell))
+    losses = torch.where(k.squeeze(1) >= 2, -ell, torch.zeros_like(ell))
+    if not return_rewards:
+        return losses
+    return GroupLossOutput(losses, torch.where(valid, rewards - beta * log_ratio, zeros).detach())
