@@ -7,7 +7,8 @@ from align.rewards.tasks import TASK_REWARDS
 
 
 def load_reward(spec: str) -> RewardFunction:
-    """``builtin:<task>`` (e.g. ``builtin:demo``), ``rm:<reward model dir>[?normalize=true&...]``,
+    """``builtin:<task>`` (``builtin:demo``; ``builtin:constraints`` and ``builtin:constraints_shaped``, see
+    ``align.rewards.constraints``), ``rm:<reward model dir>[?normalize=true&...]``,
     ``sandbox:module:function`` (``function(prompt, completion)`` builds programs that run sandboxed,
     see ``align.rewards.sandbox``) or ``module:function``."""
     if spec.startswith("rm:"):

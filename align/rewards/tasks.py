@@ -1,6 +1,8 @@
-"""Built-in tasks with a known true reward (the offline demo). Pure text functions."""
+"""Built-in tasks with a known true reward: the offline demo and verifiable constraints. Pure text functions."""
 
 from __future__ import annotations
+
+from align.rewards.constraints import constraint_reward, shaped_constraint_reward
 
 # The demo language's vocabulary: a reward word set, a penalty word set and neutral words.
 GOOD_WORDS = ["sun", "gold", "joy", "calm", "kind", "bright", "warm", "free"]
@@ -22,4 +24,5 @@ def sentiment_reward(prompts: list[str], completions: list[str]) -> list[float]:
     return rewards
 
 
-TASK_REWARDS = {"demo": sentiment_reward}
+TASK_REWARDS = {"demo": sentiment_reward, "constraints": constraint_reward,
+                "constraints_shaped": shaped_constraint_reward}
