@@ -12,7 +12,7 @@ from transformers import set_seed
 from align import checkpoints, demo
 from align.config import ConfigError, build_config, load_yaml
 from align.data import DataError, ExampleDataset, build_dataset, load_records
-from align.models import check_vocab, load_causal_lm, load_policy, load_tokenizer
+from align.models import check_vocab, load_causal_lm, load_policy, load_tokenizer, resolve_model
 from align.rewards import load_reward, score
 from align.sampling import HFSampler
 from align.trainers import TRAINERS, AlignConfig
@@ -41,7 +41,7 @@ def trainer_name(config: AlignConfig) -> str:
 
 
 def _model_path(config: AlignConfig) -> str:
-    return str(demo.base_model_path()) if config.model == DEMO else config.model
+    return str(demo.base_model_path()) if config.model == DEMO else resolve_model(config.model)
 
 
 def _rows(config: AlignConfig, source: str, model, tokenizer) -> list[dict]:

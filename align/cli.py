@@ -129,13 +129,22 @@ def _eval_decoding(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from align.models import resolve_model
     from align.sampling.vllm_server import serve
 
     # The server runs in its own process group; leaving the `with` (Ctrl-C included) stops it.
-    with serve(args.model, host=args.host, port=args.port, tensor_parallel_size=args.tensor_parallel_size,
-               gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=args.max_lora_rank) as server:
+    with serve(resolve_model(args.model), host=args.host, port=args.port,
+               tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
+               max_lora_rank=args.max_lora_rank) as server:
         print(f"vLLM server for {args.model} listening on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
         return server.wait()
+
+
+def _model_path(args: argparse.Namespace, extra: list[str]) -> int:
+    from align.models import resolve_model
+
+    print(resolve_model(args.model))
+    return 0
 
 
 def _rm_strength(args: argparse.Namespace, extra: list[str]) -> int:
@@ -147,7 +156,7 @@ def _rm_strength(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF model directory or hub id (the base model)")
+    p.add_argument("--model", required=True, help="HF model directory, hub id, .gguf file or builtin:<model> (the base model)")
     p.add_argument("--adapter", help="a LoRA adapter directory saved by align train")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="prompts file: .txt (one per line) or .jsonl/.json/.csv/.parquet with `prompt`")
@@ -193,13 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     dec.set_defaults(handler=_eval_decoding)
 
     srv = sub.add_parser("serve", help="start a vLLM server on localhost for `sampler: vllm` + `vllm_mode: server`")
-    srv.add_argument("--model", required=True, help="local model directory")
+    srv.add_argument("--model", required=True, help="local model directory, .gguf file or builtin:<model>")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--tensor-parallel-size", type=int, default=1)
     srv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     srv.add_argument("--max-lora-rank", type=int, default=16)
     srv.set_defaults(handler=_serve)
+
+    mdl = sub.add_parser("model", help="model tools").add_subparsers(dest="what", required=True)
+    path = mdl.add_parser("path", help="print the Hugging Face directory of a model spec, converting a .gguf file "
+                          "or builtin:<model> (e.g. builtin:smollm2-135m-instruct) once into $ALIGN_CACHE/models")
+    path.add_argument("model", help="a .gguf file, builtin:<model>, or a directory / hub id (printed unchanged)")
+    path.set_defaults(handler=_model_path)
 
     rm = sub.add_parser("rm", help="reward-model tools").add_subparsers(dest="what", required=True)
     strength = rm.add_parser("strength", help="preference strength from an ensemble of reward models (M LoRA "
