@@ -13,7 +13,7 @@ from align import checkpoints, tasks
 from align.config import build_config, load_yaml
 from align.data import ExampleDataset, build_dataset, detect_kind, load_records
 from align.errors import ConfigError, DataError
-from align.models import check_vocab, load_causal_lm, load_tokenizer
+from align.models import check_vocab, load_causal_lm, load_tokenizer, resolve_model
 from align.rewards import load_reward, score
 from align.sampling import HFSampler
 from align.trainers import TRAINERS, AlignConfig
@@ -41,10 +41,11 @@ def trainer_name(config: AlignConfig) -> str:
 
 
 def model_path(config: AlignConfig) -> str:
-    """The model directory (or hub id) that ``config.model`` names; a built-in task's own base model."""
+    """The model directory (or hub id) that ``config.model`` names: a built-in task's own base model, a
+    ``.gguf`` file or ``builtin:<model>`` converted once (``resolve_model``), or the name itself."""
     if tasks.is_task(config.model) and tasks.get_task(config.model).base_model:
         return tasks.get_task(config.model).base_model()
-    return config.model
+    return resolve_model(config.model)
 
 
 def file_rows(config: AlignConfig, source: str) -> list[dict]:

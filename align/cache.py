@@ -11,6 +11,15 @@ import os
 from pathlib import Path
 
 
+def fsync(path: Path) -> None:
+    """Flush a file's or a directory's entry to disk (a rename is durable once its directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def cache_dir() -> Path:
     """The cache root: ``$ALIGN_CACHE``, or ``~/.cache/align``."""
     return Path(os.environ.get("ALIGN_CACHE", Path.home() / ".cache" / "align"))

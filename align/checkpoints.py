@@ -30,6 +30,7 @@ import re
 import shutil
 from pathlib import Path
 
+from align.cache import fsync
 from align.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -58,19 +59,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Write a text file under a temporary name, fsync it and rename it over ``path``."""
     tmp = path.with_name(TMP_PREFIX + path.name)
     tmp.write_text(text, encoding="utf-8")
-    _fsync(tmp)
+    fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -93,7 +86,7 @@ def write_manifest(directory: Path, state: dict) -> None:
     """Fsync every file of ``directory`` and record its size and SHA-256, with ``state``."""
     files = {}
     for path in _files(directory):
-        _fsync(path)
+        fsync(path)
         files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
     write_atomic(directory / MANIFEST, json.dumps({"files": files, "state": state}, indent=1))
 
@@ -104,7 +97,7 @@ def commit(staged: Path, final: Path) -> None:
     if final.exists():
         os.replace(final, old)
     os.replace(staged, final)
-    _fsync(final.parent)
+    fsync(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -112,11 +105,11 @@ def publish(staged: Path, final: Path) -> None:
     """Move every file of the complete directory ``staged`` into ``final``, each by one atomic rename: after a
     crash, every file there is whole, the earlier run's or this one's. Then remove ``staged``."""
     for path in sorted(p for p in staged.rglob("*") if p.is_file()):
-        _fsync(path)
+        fsync(path)
         target = final / path.relative_to(staged)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
-    _fsync(final)
+    fsync(final)
     shutil.rmtree(staged, ignore_errors=True)
 
 

