@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import set_seed
@@ -12,7 +13,7 @@ from transformers import set_seed
 from align import checkpoints, demo
 from align.config import ConfigError, build_config, load_yaml
 from align.data import DataError, ExampleDataset, build_dataset, load_records
-from align.models import check_vocab, load_causal_lm, load_policy, load_tokenizer
+from align.models import base_weights_modified, check_vocab, load_causal_lm, load_policy, load_tokenizer
 from align.rewards import load_reward, score
 from align.sampling import HFSampler
 from align.trainers import TRAINERS, AlignConfig
@@ -94,8 +95,15 @@ def build_trainer(config: AlignConfig):
             model_path, adapter_path=config.adapter_path, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
             r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
             target_modules=config.lora_target_modules or "all-linear",
+            use_dora=config.use_dora, use_rslora=config.use_rslora, init=config.lora_init,
         )
     check_vocab(model, tokenizer, model_path)
+    if base_weights_modified(model) and _uses_reference(trainer_cls, config):
+        raise ConfigError(f"lora_init={config.lora_init} (or the init of adapter_path) subtracts the adapter's "
+                          "starting value from the base weights, so the adapter-disabled model is not the base model "
+                          f"and cannot be the reference policy that trainer {name!r} (or the builtin:demo evaluation) "
+                          "uses; use lora_init=default or gaussian, or a trainer without a reference (cpl with "
+                          "use_reference=false)")
 
     def dataset(source: str) -> ExampleDataset:
         rows = _rows(config, source, model, tokenizer)
@@ -120,6 +128,15 @@ def build_trainer(config: AlignConfig):
                        processing_class=tokenizer, reward_fn=reward_fn, sampler=sampler)
 
 
+def _uses_reference(trainer_cls, config: AlignConfig) -> bool:
+    """Whether the run uses the reference policy (the adapter-disabled model): in the trainer's objective, or in
+    the builtin:demo evaluation."""
+    needs = trainer_cls.needs_reference
+    if isinstance(needs, property):  # e.g. CPL: only with use_reference
+        needs = needs.fget(SimpleNamespace(args=config))
+    return needs or (config.model == DEMO and config.dataset == DEMO)
+
+
 def make_sampler(config: AlignConfig, model, tokenizer):
     if config.sampler == "hf":
         return HFSampler(model, tokenizer)
@@ -131,7 +148,8 @@ def make_sampler(config: AlignConfig, model, tokenizer):
     return VLLMSampler(model, tokenizer, mode=config.vllm_mode, sync=config.vllm_sync, sync_every=config.vllm_sync_every,
                        host=url.hostname or "127.0.0.1", port=url.port or 8000,
                        tensor_parallel_size=config.vllm_tensor_parallel_size,
-                       gpu_memory_utilization=config.vllm_gpu_memory_utilization, dtype=config.dtype, seed=config.seed)
+                       gpu_memory_utilization=config.vllm_gpu_memory_utilization, dtype=config.dtype, seed=config.seed,
+                       api_key=config.vllm_api_key)
 
 
 def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None) -> dict:

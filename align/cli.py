@@ -131,9 +131,14 @@ def _eval_decoding(args: argparse.Namespace, extra: list[str]) -> int:
 def _serve(args: argparse.Namespace, extra: list[str]) -> int:
     from align.sampling.vllm_server import serve
 
+    try:
+        server = serve(args.model, host=args.host, port=args.port, tensor_parallel_size=args.tensor_parallel_size,
+                       gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=args.max_lora_rank,
+                       api_key=args.api_key)
+    except (ValueError, OSError) as err:  # a host other than 127.0.0.1 without an API key, a port in use
+        raise ConfigError(f"align serve: {err}") from None
     # The server runs in its own process group; leaving the `with` (Ctrl-C included) stops it.
-    with serve(args.model, host=args.host, port=args.port, tensor_parallel_size=args.tensor_parallel_size,
-               gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=args.max_lora_rank) as server:
+    with server:
         print(f"vLLM server for {args.model} listening on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
         return server.wait()
 
@@ -192,9 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--strategies", default="greedy,sample,beam,contrastive", help="comma-separated")
     dec.set_defaults(handler=_eval_decoding)
 
-    srv = sub.add_parser("serve", help="start a vLLM server on localhost for `sampler: vllm` + `vllm_mode: server`")
+    srv = sub.add_parser("serve", help="start a vLLM server for `sampler: vllm` + `vllm_mode: server`")
     srv.add_argument("--model", required=True, help="local model directory")
-    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on; any but 127.0.0.1, ::1 and "
+                     "localhost (0.0.0.0, a LAN address) requires an API key")
+    srv.add_argument("--api-key", help="every request but /health must carry it (Authorization: Bearer KEY); default: "
+                     "$ALIGN_VLLM_API_KEY, which other users of this machine cannot read from the process list")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--tensor-parallel-size", type=int, default=1)
     srv.add_argument("--gpu-memory-utilization", type=float, default=0.9)
