@@ -139,7 +139,8 @@ def make_sampler(config: AlignConfig, model, tokenizer):
     return VLLMSampler(model, tokenizer, mode=config.vllm_mode, sync=config.vllm_sync, sync_every=config.vllm_sync_every,
                        host=url.hostname or "127.0.0.1", port=url.port or 8000,
                        tensor_parallel_size=config.vllm_tensor_parallel_size,
-                       gpu_memory_utilization=config.vllm_gpu_memory_utilization, dtype=config.dtype, seed=config.seed)
+                       gpu_memory_utilization=config.vllm_gpu_memory_utilization, dtype=config.dtype, seed=config.seed,
+                       api_key=config.vllm_api_key)
 
 
 def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None) -> dict:

@@ -146,8 +146,14 @@ def _serve(args: argparse.Namespace) -> int:
     # The server runs in its own process group; leaving the `with` (Ctrl-C included) stops it.
     from align.models import resolve_model
 
-    with serve(resolve_model(args.model), host=args.host, port=args.port, tensor_parallel_size=args.tensor_parallel_size,
-               gpu_memory_utilization=args.gpu_memory_utilization, max_lora_rank=args.max_lora_rank) as server:
+    try:
+        server = serve(resolve_model(args.model), host=args.host, port=args.port, api_key=args.api_key,
+                       tensor_parallel_size=args.tensor_parallel_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                       max_lora_rank=args.max_lora_rank)
+    except (ValueError, OSError) as err:  # a host other than 127.0.0.1 without an API key, a port in use
+        raise ConfigError(f"align serve: {err}") from None
+    # The server runs in its own process group; leaving the `with` (Ctrl-C included) stops it.
+    with server:
         print(f"vLLM server for {args.model} listening on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
         return server.wait()
 
@@ -236,9 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     _option(lp, "max_prompt_length", type=int, default=512)
     lp.set_defaults(handler=_eval_logprobs)
 
-    srv = sub.add_parser("serve", help="start a vLLM server on localhost for `sampler: vllm` + `vllm_mode: server`")
+    srv = sub.add_parser("serve", help="start a vLLM server for `sampler: vllm` + `vllm_mode: server`")
     _option(srv, "model", required=True, help="local model directory, .gguf file or builtin:<model>")
-    _option(srv, "host", default="127.0.0.1")
+    _option(srv, "host", default="127.0.0.1", help="address to listen on; any but 127.0.0.1, ::1 and localhost "
+            "(0.0.0.0, a LAN address) requires an API key")
+    _option(srv, "api_key", help="every request but /health must carry it (Authorization: Bearer KEY); default: "
+            "$ALIGN_VLLM_API_KEY, which other users of this machine cannot read from the process list")
     _option(srv, "port", type=int, default=8000)
     _option(srv, "tensor_parallel_size", type=int, default=1)
     _option(srv, "gpu_memory_utilization", type=float, default=0.9)

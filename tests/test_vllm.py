@@ -7,8 +7,11 @@ in both sync modes, colocated or served; 0.5-1 before the sync, so the check can
 """
 
 import importlib.util
+import os
 import random
 import socket
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -20,10 +23,12 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from align.cli import main as cli_main  # noqa: E402
+from align.models import wrap_lora  # noqa: E402
 from align.models.tiny import tiny_llama, word_tokenizer  # noqa: E402
 from align.sampling import SamplingParams  # noqa: E402
-from align.sampling.vllm import VLLMSampler, vllm_weights  # noqa: E402
-from align.sampling.vllm_server import serve  # noqa: E402
+from align.sampling.vllm import API_KEY_ENV, SNAPSHOTS_ROUTE, VLLMSampler, vllm_weights  # noqa: E402
+from align.sampling.vllm_server import SNAPSHOTS_DIR_ENV, AlignServerMiddleware, serve  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -182,15 +187,140 @@ def test_sync_every_pushes_on_every_nth_step(colocated, policy, checkpoint):
         colocated.sync_every = 1
 
 
-def test_server_start_sample_sync_stop(colocated, policy, checkpoint, tmp_path):
+VARIANTS = {"dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "pissa": {"init": "pissa"}}
+
+
+def variant_policy(checkpoint, variant):
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(checkpoint[0], dtype=torch.float32)
+    return wrap_lora(base, r=8, alpha=16, **VARIANTS[variant])
+
+
+def swap_policy(sampler, model, sync):
+    """Let the module's engine serve another policy of the same checkpoint (a sampler has one policy for life,
+    so it is told that the engine's base weights are not this policy's)."""
+    sampler.model, sampler.sync, sampler._base_modified = model, sync, True
+
+
+@pytest.mark.parametrize("variant,sync", [("dora", "merged"), ("rslora", "merged"), ("rslora", "adapter"),
+                                          ("pissa", "merged"), ("pissa", "adapter")])
+def test_sync_is_exact_for_lora_variants(colocated, policy, checkpoint, variant, sync):
+    """DoRA merged (its magnitude vector folded in), rsLoRA (α/√r) both ways, PiSSA both ways (adapter sync first
+    gives the engine the residual base weights)."""
+    prompts, completions = fixed_batch(checkpoint[1], seed=12)
+    model = variant_policy(checkpoint, variant)
+    swap_policy(colocated, model, sync)
+    try:
+        train_step(model, prompts, completions)
+        target = hf_logprobs(model, prompts, completions)
+        assert max_diff(colocated.completion_logprobs(prompts, completions), target) > 100 * TOL
+        colocated.sync_weights()
+        assert max_diff(colocated.completion_logprobs(prompts, completions), target) < TOL
+    finally:
+        swap_policy(colocated, policy, "adapter")
+        colocated.push_weights()
+
+
+def test_adapter_sync_of_dora_is_refused(colocated, policy, checkpoint):
+    dora = variant_policy(checkpoint, "dora")
+    with pytest.raises(ValueError, match="vllm_sync=adapter is not possible: vLLM cannot express DoRA.*use vllm_sync"):
+        VLLMSampler(dora, checkpoint[1], sync="adapter")  # refused before an engine starts
+    swap_policy(colocated, dora, "adapter")
+    try:
+        with pytest.raises(ValueError, match="cannot express DoRA"):
+            colocated.push_weights()  # nor when the sync mode is switched to adapter later
+    finally:
+        swap_policy(colocated, policy, "adapter")
+        colocated.push_weights()
+
+
+@pytest.fixture
+def guarded_app(tmp_path, monkeypatch):
+    """``AlignServerMiddleware`` with a key, around a stand-in for vLLM's routes."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    monkeypatch.setenv(API_KEY_ENV, "the-key")
+    monkeypatch.setenv(SNAPSHOTS_DIR_ENV, str(tmp_path))
+
+    async def vllm_route(request):
+        return JSONResponse({"route": request.url.path})
+
+    routes = [Route(p, vllm_route, methods=["GET", "POST"]) for p in ("/health", "/v1/completions", "/collective_rpc")]
+    return TestClient(Starlette(routes=routes, middleware=[Middleware(AlignServerMiddleware)])), tmp_path
+
+
+def test_middleware_needs_the_key_everywhere_but_health(guarded_app):
+    client, _ = guarded_app
+    assert client.get("/health").status_code == 200
+    for method, route in (("POST", "/v1/completions"), ("POST", "/collective_rpc"), ("GET", "/anything"),
+                          ("PUT", f"{SNAPSHOTS_ROUTE}/s/model.safetensors")):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer the-key2"},
+                        {"Authorization": "Basic the-key"}, {"Authorization": "the-key"}):
+            response = client.request(method, route, headers=headers, content=b"x")
+            assert response.status_code == 401 and "API key" in response.json()["error"]
+    response = client.post("/collective_rpc", headers={"Authorization": "Bearer the-key"})
+    assert response.status_code == 200 and response.json() == {"route": "/collective_rpc"}
+
+
+def test_middleware_stores_uploads_in_named_snapshots_only(guarded_app):
+    client, snapshots = guarded_app
+    auth = {"Authorization": "bearer the-key"}
+    data = os.urandom(300_000)  # several body chunks
+    response = client.put(f"{SNAPSHOTS_ROUTE}/run1/model.safetensors", headers=auth, content=data)
+    assert response.status_code == 200 and response.json() == {"path": str(snapshots / "run1")}
+    assert (snapshots / "run1" / "model.safetensors").read_bytes() == data
+    for bad in ("run1/.hidden", "run1/a/b", "run1", "%2e%2e/x", "run1/%2e%2e"):
+        assert client.put(f"{SNAPSHOTS_ROUTE}/{bad}", headers=auth, content=b"x").status_code == 404
+    assert sorted(p.name for p in snapshots.rglob("*")) == ["model.safetensors", "run1"]
+    assert client.delete(f"{SNAPSHOTS_ROUTE}/run1", headers=auth).status_code == 200
+    assert list(snapshots.iterdir()) == []
+
+
+def test_serving_off_127_0_0_1_without_a_key_is_refused(checkpoint, monkeypatch, capsys):
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    with pytest.raises(ValueError, match="refusing to serve on 127.0.0.2 without an API key"):
+        serve(str(checkpoint[0]), host="127.0.0.2", port=free_port())
+    assert cli_main(["serve", "--model", str(checkpoint[0]), "--host", "0.0.0.0", "--port", str(free_port())]) == 2
+    assert "refusing to serve on 0.0.0.0 without an API key" in capsys.readouterr().err
+
+
+def http_status(url: str, method: str, token: str | None = None) -> int:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method=method, headers=headers)) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_server_with_a_key_off_127_0_0_1_syncs_only_the_trainer(colocated, policy, checkpoint, tmp_path, monkeypatch):
+    """One server on 127.0.0.2 (a loopback address other than 127.0.0.1, so a key is required): unauthenticated
+    sampling and weight pushes get 401; the trainer's sampler, with the key from ALIGN_VLLM_API_KEY, samples
+    and syncs both ways through uploads; the snapshots are deleted once read."""
     path, tokenizer = checkpoint
     prompts, completions = fixed_batch(tokenizer, seed=8)
-    port = free_port()
-    with serve(str(path), port=port, dtype="float32", max_model_len=MAX_LEN, max_lora_rank=8,
+    host, port, key = "127.0.0.2", free_port(), "a-test-key-4f1c"
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    with serve(str(path), host=host, port=port, api_key=key, dtype="float32", max_model_len=MAX_LEN, max_lora_rank=8,
                log_path=str(tmp_path / "server.log")) as server:
         with pytest.raises(OSError, match="already in use"):
-            serve(str(path), port=port)
-        remote = VLLMSampler(policy, tokenizer, mode="server", port=port, sync="adapter")
+            serve(str(path), host=host, port=port, api_key=key)
+        assert key not in " ".join(server.process.args)  # the key goes through the environment
+        assert http_status(server.url + "/health", "GET") == 200
+        for route, method in (("/v1/completions", "POST"), ("/collective_rpc", "POST"),
+                              ("/v1/load_lora_adapter", "POST"), (f"{SNAPSHOTS_ROUTE}/s/model.safetensors", "PUT"),
+                              ("/v1/models", "GET")):
+            assert http_status(server.url + route, method) == 401
+            assert http_status(server.url + route, method, token=key[:-1]) == 401
+        assert http_status(server.url + "/v1/models", "GET", token=key) == 200
+        with pytest.raises(RuntimeError, match="answered 401.*set `vllm_api_key`"):
+            VLLMSampler(policy, tokenizer, mode="server", host=host, port=port)
+        monkeypatch.setenv(API_KEY_ENV, key)
+        remote = VLLMSampler(policy, tokenizer, mode="server", host=host, port=port, sync="adapter")
         params = SamplingParams(n=3, max_new_tokens=12, seed=11)
         out = remote.sample(prompts, params)
         rows = [prompts[i // out.n] for i in range(len(out.completion_ids))]
@@ -204,8 +334,9 @@ def test_server_start_sample_sync_stop(colocated, policy, checkpoint, tmp_path):
             assert max_diff(remote.completion_logprobs(prompts, completions), target) > 100 * TOL
             remote.sync_weights()
             assert max_diff(remote.completion_logprobs(prompts, completions), target) < TOL
+            assert len(os.listdir(server.snapshots_dir)) == (sync == "adapter")  # only a loaded adapter's stays
         server.stop()
-        assert server.process.poll() is not None
+        assert server.process.poll() is not None and not os.path.exists(server.snapshots_dir)
         with pytest.raises(ConnectionError, match="not reachable"):
             remote.sample(prompts, params)
     colocated.push_weights()  # the policy moved; keep the module's engine in sync

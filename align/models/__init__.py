@@ -4,6 +4,7 @@ name GGUF files or built-in models (``resolve_model``)."""
 from align.models.logprobs import completion_logps, reference_completion_logps, sequence_logps
 from align.models.policy import (
     ModelLoadError,
+    base_weights_modified,
     check_vocab,
     load_causal_lm,
     load_generator,
@@ -14,6 +15,6 @@ from align.models.policy import (
 from align.models.resolve import BUILTIN_MODELS, resolve_model
 
 __all__ = [
-    "BUILTIN_MODELS", "resolve_model", "ModelLoadError", "check_vocab", "completion_logps", "load_causal_lm", "load_generator", "load_policy", "load_tokenizer",
+    "BUILTIN_MODELS", "resolve_model", "ModelLoadError", "base_weights_modified", "check_vocab", "completion_logps", "load_causal_lm", "load_generator", "load_policy", "load_tokenizer",
     "reference_completion_logps", "sequence_logps", "wrap_lora",
 ]

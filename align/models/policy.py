@@ -77,6 +77,15 @@ def check_vocab(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name
         )
 
 
+# `lora_init` values: peft's ``init_lora_weights`` for each. Those that need data (EVA, CorDA, LoRA-GA), a
+# quantized model (LoftQ) or a randomised SVD (``pissa_niter_N``: a saved adapter would not reload onto the same
+# residual) are left out.
+LORA_INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# Inits that move part of each base weight into the adapter: peft subtracts s·B₀A₀ from W, so with the adapter
+# disabled the model is the residual W − s·B₀A₀, not the base model.
+BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
 def wrap_lora(
     model: torch.nn.Module,
     *,
@@ -86,8 +95,23 @@ def wrap_lora(
     target_modules: str | list[str] = "all-linear",
     modules_to_save: list[str] | None = None,
     task_type: str = "CAUSAL_LM",
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    init: str = "default",
 ) -> PeftModel:
-    """Wrap a model with a fresh peft LoRA adapter (named "default"); the base weights are frozen."""
+    """Wrap a model with a fresh peft LoRA adapter (named "default"); the base weights are frozen.
+
+    ``use_dora``: DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", Eq. 5), a learned
+    per-output magnitude times the normalised ``W + ΔW``. ``use_rslora``: rank-stabilised scaling α/√r
+    (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA") instead of α/r.
+    ``init`` (a key of ``LORA_INITS``): ``default`` (B = 0), ``gaussian``, ``pissa`` (Meng et al. 2024,
+    "PiSSA: Principal Singular Values and Singular Vectors Adaptation") or ``olora`` (Büyükakyüz 2024, "OLoRA:
+    Orthonormal Low-Rank Adaptation"). PiSSA and OLoRA start the adapter at a rank-r part of W and subtract it
+    from the base weights, so the adapter-disabled model is no longer the base model (see
+    ``base_weights_modified``).
+    """
+    if init not in LORA_INITS:
+        raise ValueError(f"LoRA init {init!r} is not supported; choose one of {', '.join(LORA_INITS)}")
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -95,8 +119,21 @@ def wrap_lora(
         target_modules=target_modules,
         modules_to_save=modules_to_save,
         task_type=task_type,
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+        init_lora_weights=LORA_INITS[init],
     )
     return get_peft_model(model, config)
+
+
+def base_weights_modified(model: torch.nn.Module) -> bool:
+    """Whether the policy's base weights differ from the checkpoint's: an adapter initialised (or loaded) with
+    PiSSA, OLoRA, CorDA or LoftQ, for which peft replaces W by the residual W − s·B₀A₀. Disabling the adapter then
+    gives that residual model, not the base model, so it cannot serve as the reference policy."""
+    if not isinstance(model, PeftModel):
+        return False
+    init = model.peft_config[model.active_adapter].init_lora_weights
+    return isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS)
 
 
 def load_policy(

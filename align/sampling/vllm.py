@@ -2,12 +2,15 @@
 
 Two ways to make vLLM sample from the current policy (``sync``):
 
-- ``"merged"``: push every base weight with the LoRA delta folded in, ``W + (α/r)·B·A``, under the
-  base checkpoint's names (the PEFT → vLLM name mapping TRL uses). The delta is added out of place,
+- ``"merged"``: push every base weight with the adapter merged in as peft merges it (``W + s·B·A`` with
+  s = α/r, or α/√r for rsLoRA; DoRA's magnitude times the column-normalised ``W + s·B·A``), under the
+  base checkpoint's names (the PEFT → vLLM name mapping TRL uses). The merge is computed out of place,
   so the training model is never merged and unmerged: its base weights stay bit-exact, which the
   in-place merge/unmerge round trip does not guarantee in bf16.
 - ``"adapter"``: save only the LoRA tensors and hand them to vLLM as a new LoRA request (fresh name
   and id per sync). Far less data than the whole model, at some per-token cost for the LoRA kernels.
+  vLLM's LoRA layers express plain LoRA and rsLoRA, not DoRA (refused, see ``adapter_sync_problem``).
+  For PiSSA/OLoRA the engine first gets the policy's residual base weights.
 
 Why not ``trl.generation.vllm_generation.VLLMGeneration`` (trl 1.16 with vLLM 0.32; checked on CPU):
 its colocate engine starts, generates and syncs, but (1) it builds ``LLM(...)`` with fixed
@@ -18,7 +21,8 @@ one ``SamplingParams`` for rows already repeated ``n`` times, so a per-request s
 weight-transfer engine, which needs CUDA (``VLLMClient.init_communicator`` raises otherwise), and its
 constructor calls it, so server mode cannot start without a GPU. The adapter below is the smallest
 that fixes these: an in-process engine as TRL builds it (``external_launcher``) and vLLM's own
-``reload_weights`` worker method, called in process, or over HTTP with a safetensors snapshot.
+``reload_weights`` worker method, called in process, or over HTTP with a safetensors snapshot uploaded to the
+server (so the server may run on another machine; see ``align.sampling.vllm_server`` for its API key).
 """
 
 from __future__ import annotations
@@ -65,9 +69,9 @@ def adapter_rank(model: torch.nn.Module) -> int:
 def vllm_weights(model: torch.nn.Module, *, merge: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's weights under the base checkpoint's names, as vLLM loads them.
 
-    With ``merge`` each LoRA-wrapped weight is returned as ``W + ΔW`` (ΔW from PEFT's
-    ``get_delta_weight``, computed in fp32 and rounded once), without touching ``model``; without it,
-    the frozen base weights. LoRA tensors themselves are skipped.
+    With ``merge`` each LoRA-wrapped weight is returned merged with its active adapters (``_merged_weight``),
+    without touching ``model``; without it, the policy's frozen base weights (for PiSSA/OLoRA adapters the
+    residual peft made, not the checkpoint's). LoRA tensors themselves are skipped.
     """
     if not isinstance(model, PeftModel):
         yield from ((name, param.detach()) for name, param in model.named_parameters())
@@ -82,14 +86,68 @@ def vllm_weights(model: torch.nn.Module, *, merge: bool = True) -> Iterator[tupl
         tensor = param.detach()
         layer = lora_of.get(id(param))
         if merge and layer is not None and not layer.disable_adapters:
-            deltas = [a for a in layer.active_adapters if a in layer.scaling and a not in layer.merged_adapters]
-            if any(layer.use_dora.get(a) or layer.lora_bias.get(a) for a in deltas) or not tensor.is_floating_point():
-                raise NotImplementedError("merged sync supports plain LoRA on float weights (no DoRA, lora_bias "
-                                          "or quantized base)")
-            with torch.no_grad():
-                merged = tensor.float() + sum(layer.get_delta_weight(a).float() for a in deltas)
-            tensor = merged.to(tensor.dtype)
+            tensor = _merged_weight(layer, tensor)
         yield name, tensor
+
+
+def _merged_weight(layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with the layer's active, unmerged adapters merged in, as peft's safe merge computes it
+    (``Linear.merge(safe_merge=True)``) but out of place: plain LoRA adds ``get_delta_weight`` (α/r or, with
+    rsLoRA, α/√r times B·A), summed in fp32 and rounded once; a variant (DoRA: the magnitude vector times
+    W + ΔW normalised per output) uses peft's own ``merge_safe``. The layer is left as it was."""
+    adapters = [a for a in layer.active_adapters if a in layer.scaling and a not in layer.merged_adapters]
+    if any(layer.lora_bias.get(a) for a in adapters) or not weight.is_floating_point():
+        raise NotImplementedError("merged sync supports LoRA and DoRA on float weights (no lora_bias or quantized "
+                                  "base)")
+    if len(adapters) > 1 and any(a in layer.lora_variant for a in adapters):
+        # merge_safe merges into the layer's own base weight, which out of place holds no earlier adapter
+        raise NotImplementedError("merged sync of several active adapters supports plain LoRA only")
+    caches = set(layer._caches)
+    with torch.no_grad():
+        merged = weight.float()
+        for a in adapters:
+            variant = layer.lora_variant.get(a)
+            if variant is None:
+                merged = merged + layer.get_delta_weight(a).float()
+            else:
+                merged = variant.merge_safe(layer, a, merged)
+    for key in set(layer._caches) - caches:  # what merge_safe keeps for an unmerge that never comes (DoRA's norm)
+        layer._cache_pop(key)
+    return merged.to(weight.dtype)
+
+
+def adapter_sync_problem(model: torch.nn.Module) -> str | None:
+    """Why vLLM cannot sample from ``model`` through a LoRA request (None when it can): vLLM 0.32's LoRA layers
+    compute ``x·W + s·x·Aᵀ·Bᵀ`` (s = α/r, or α/√r with ``use_rslora``, which vLLM reads from
+    adapter_config.json), so they have no DoRA magnitude, no LoRA bias and no other replaced module."""
+    if not isinstance(model, PeftModel):
+        return "adapter sync needs a PeftModel (a LoRA policy)"
+    config = model.peft_config[model.active_adapter]
+    if config.modules_to_save:
+        return "vLLM LoRA requests cannot carry modules_to_save"
+    if config.use_dora:
+        return ("vLLM cannot express DoRA adapters (its LoRA kernels have no magnitude vector); merged sync "
+                "pushes DoRA's merged weights exactly")
+    if config.lora_bias:
+        return "vLLM does not support LoRA bias (lora_bias)"
+    return None
+
+
+def save_adapter_for_vllm(model: PeftModel, directory: str) -> str:
+    """Save the active adapter where vLLM can load it as a LoRA request; returns its directory. Its config says
+    ``init_lora_weights: true``: the engine holds the policy's own base weights (for PiSSA/OLoRA, peft's residual
+    W − s·B₀A₀), so the adapter is a plain delta on them. (vLLM refuses a PiSSA/OLoRA config, whose base weights
+    peft would rebuild from the checkpoint on load.) rsLoRA's ``use_rslora`` is kept: vLLM scales by α/√r."""
+    name = model.active_adapter
+    model.save_pretrained(directory, selected_adapters=[name])
+    path = directory if name == "default" else os.path.join(directory, name)  # PEFT's layout
+    config_path = os.path.join(path, "adapter_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["init_lora_weights"] = True
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+    return path
 
 
 @dataclass(frozen=True)
@@ -208,14 +266,21 @@ class _LocalEngine:
 # Sync endpoints are absent (404) from a server started without what weight sync needs.
 _SYNC_ENDPOINTS_HINT = ("; weight sync needs a server started by `align serve` (VLLM_SERVER_DEV_MODE=1 for merged "
                         "weights, --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 for adapters)")
+API_KEY_ENV = "ALIGN_VLLM_API_KEY"  # the server's key, and the client's when none is given
+# `align serve`'s upload route: PUT <route>/<snapshot>/<file> stores a file in the server's snapshot directory
+# <snapshot> (answering its path there), DELETE <route>/<snapshot> deletes the directory.
+SNAPSHOTS_ROUTE = "/align/snapshots"
 
 
 class _ServerEngine:
-    """HTTP client of a vLLM OpenAI-compatible server on this machine (see ``align.sampling.vllm_server``).
-    Weight snapshots and adapters are written to local files that the server reads."""
+    """HTTP client of a vLLM OpenAI-compatible server started by ``align serve`` (``align.sampling.vllm_server``),
+    on this machine or another. Weight snapshots and adapters are uploaded to the server over HTTP, which loads
+    them from its own disk. With ``api_key`` every request but ``/health`` carries it as a bearer token."""
 
-    def __init__(self, url: str, *, connect_timeout: float, request_timeout: float):
+    def __init__(self, url: str, *, api_key: str | None, connect_timeout: float, request_timeout: float):
         self.url, self.request_timeout = url, request_timeout
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._uploaded: dict[str, str] = {}  # adapter name -> its snapshot on the server
         self._wait_until_up(connect_timeout)
         self.base_name = self._call("GET", "/v1/models")["data"][0]["id"]
 
@@ -232,19 +297,37 @@ class _ServerEngine:
 
     def _call(self, method: str, path: str, body: dict | None = None):
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        return self._request(method, path, data, {"Content-Type": "application/json"})
+
+    def _request(self, method: str, path: str, data, headers: dict):
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers | self._auth)
         try:
             with urllib.request.urlopen(request, timeout=self.request_timeout) as response:
                 text = response.read().decode()
         except urllib.error.HTTPError as e:
-            hint = _SYNC_ENDPOINTS_HINT if e.code == 404 else ""
+            hint = {404: _SYNC_ENDPOINTS_HINT,
+                    401: f"; the server needs its API key: set `vllm_api_key` (or {API_KEY_ENV}) to the key it was "
+                         "started with"}.get(e.code, "")
             detail = e.read().decode()[:500]
             raise RuntimeError(f"vLLM server {self.url}{path} answered {e.code}: {detail}{hint}") from e
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
             raise ConnectionError(f"vLLM server at {self.url} is not reachable ({e}); is it running? "
                                   "Start it with `align serve`.") from e
         return json.loads(text) if text.strip().startswith(("{", "[")) else text
+
+    def _upload(self, local_dir: str) -> tuple[str, str]:
+        """Upload the files of ``local_dir`` into a new snapshot on the server: (its name, its path there)."""
+        snapshot = uuid.uuid4().hex
+        remote = None
+        for entry in sorted(os.scandir(local_dir), key=lambda e: e.name):
+            if entry.is_file():
+                headers = {"Content-Type": "application/octet-stream", "Content-Length": str(entry.stat().st_size)}
+                with open(entry.path, "rb") as f:  # streamed: a merged snapshot can be the whole model
+                    remote = self._request("PUT", f"{SNAPSHOTS_ROUTE}/{snapshot}/{entry.name}", f, headers)["path"]
+        return snapshot, remote
+
+    def _delete(self, snapshot: str) -> None:
+        self._request("DELETE", f"{SNAPSHOTS_ROUTE}/{snapshot}", None, {})
 
     def _completions(self, body: dict) -> list[dict]:
         return sorted(self._call("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])
@@ -269,14 +352,25 @@ class _ServerEngine:
                 for s, c in zip(sequences, choices)]
 
     def load_weights_from(self, path: str) -> None:
-        self._call("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": path}})
+        snapshot, remote = self._upload(path)
+        try:
+            self._call("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": remote}})
+        finally:  # reload_weights has read it (or failed)
+            self._delete(snapshot)
         self._call("POST", "/reset_prefix_cache")
 
     def load_adapter(self, adapter: _Adapter) -> None:
-        self._call("POST", "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": adapter.path})
+        snapshot, remote = self._upload(adapter.path)
+        try:
+            self._call("POST", "/v1/load_lora_adapter", {"lora_name": adapter.name, "lora_path": remote})
+        except BaseException:
+            self._delete(snapshot)
+            raise
+        self._uploaded[adapter.name] = snapshot  # kept while loaded: vLLM may read an evicted adapter again
 
     def unload_adapter(self, adapter: _Adapter) -> None:
         self._call("POST", "/v1/unload_lora_adapter", {"lora_name": adapter.name})
+        self._delete(self._uploaded.pop(adapter.name))
 
     def close(self) -> None:
         """The server belongs to whoever started it; nothing to release here."""
@@ -298,8 +392,12 @@ class VLLMSampler:
             ``sync_every``-th call (1: vLLM always samples from the current policy; more: cheaper, but
             samples come from a policy up to ``sync_every - 1`` steps old).
         model_path: the base checkpoint vLLM loads (colocate); defaults to ``model.name_or_path``.
-        host, port: where the server listens (server mode). Keep it on localhost: the sampler hands
-            the server file paths to read, and the development endpoints it uses are unauthenticated.
+        host, port: where the server listens (server mode), on this machine or another: snapshots and
+            adapters are uploaded over HTTP.
+        api_key: the key the server was started with (``align serve --api-key``), sent as a bearer token with
+            every request; default: the ``ALIGN_VLLM_API_KEY`` environment variable. A server on another address
+            than 127.0.0.1/::1/localhost has one. It travels in clear over HTTP: across an untrusted network,
+            tunnel the port (SSH, a TLS proxy).
         server_timeout: seconds to wait for the server to answer ``/health`` at construction.
         request_timeout: seconds before an HTTP request to the server is abandoned.
         tensor_parallel_size: devices the colocated engine shards the model over (GPUs; the server takes
@@ -319,17 +417,16 @@ class VLLMSampler:
                  host: str = "127.0.0.1", port: int = 8000, server_timeout: float = 0.0,
                  request_timeout: float = 600.0, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.3, max_model_len: int | None = None, dtype: str = "auto",
-                 seed: int = 0, enable_lora: bool | None = None, enforce_eager: bool | None = None):
+                 seed: int = 0, enable_lora: bool | None = None, enforce_eager: bool | None = None,
+                 api_key: str | None = None):
         if sync not in ("merged", "adapter"):
             raise ValueError(f"sync must be 'merged' or 'adapter', got {sync!r}")
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
-        is_peft = isinstance(model, PeftModel)
-        if (sync == "adapter" or enable_lora) and not is_peft:
-            raise ValueError("adapter sync needs a PeftModel (a LoRA policy)")
-        if is_peft and model.peft_config[model.active_adapter].modules_to_save and sync == "adapter":
-            raise ValueError("vLLM LoRA requests cannot carry modules_to_save; use sync='merged'")
+        if enable_lora and not isinstance(model, PeftModel):
+            raise ValueError("enable_lora needs a PeftModel (a LoRA policy)")
         self.model, self.sync, self.sync_every = model, sync, sync_every
+        self._check_adapter_sync()
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if mode == "colocate":
             lora = sync == "adapter" if enable_lora is None else enable_lora
@@ -339,15 +436,17 @@ class VLLMSampler:
                 max_lora_rank=lora_rank_bucket(adapter_rank(model)) if lora else None, enforce_eager=enforce_eager)
         elif mode == "server":
             self._engine = _ServerEngine(f"http://{host}:{port}", connect_timeout=server_timeout,
-                                         request_timeout=request_timeout)
+                                         request_timeout=request_timeout,
+                                         api_key=os.environ.get(API_KEY_ENV) if api_key is None else api_key)
         else:
             raise ValueError(f"mode must be 'colocate' or 'server', got {mode!r}")
         self._tmp = tempfile.TemporaryDirectory(prefix="align-vllm-")
         self._adapter: _Adapter | None = None
         self._run = uuid.uuid4().hex[:8]  # adapter names stay unique on a server shared across runs
-        # Merged weights were pushed, so the engine's base is not the checkpoint's. A server may have been
-        # given them by an earlier run.
-        self._base_modified = mode == "server"
+        # Whether the engine's base weights may differ from the policy's: once merged weights are pushed; on a
+        # server an earlier run may have pushed them; and a PiSSA/OLoRA policy's base is peft's residual, not the
+        # checkpoint's. The first adapter sync therefore pushes the policy's base weights too.
+        self._base_modified = True
         self.steps = 0  # sync_weights() calls, i.e. optimizer steps
         self.pushes = 0
         self.push_weights()  # the policy may arrive with a trained adapter
@@ -381,24 +480,30 @@ class VLLMSampler:
             self._base_modified = True
             self._set_adapter(None)
         else:
-            if self._base_modified:  # switched from merged sync: restore the checkpoint's base first
+            self._check_adapter_sync()  # `sync` may have been switched since construction
+            if self._base_modified:  # the engine gets the policy's base first (see __init__)
                 self._reload(vllm_weights(self.model, merge=False), os.path.join(sync_dir, "base"))
                 self._base_modified = False
-            name = self.model.active_adapter
-            self.model.save_pretrained(sync_dir, selected_adapters=[name])
-            path = sync_dir if name == "default" else os.path.join(sync_dir, name)  # PEFT's layout
+            path = save_adapter_for_vllm(self.model, sync_dir)
             self._set_adapter(_Adapter(f"align-{self._run}-{self.pushes}", self.pushes, path))
         for entry in os.listdir(self._tmp.name):  # the engine reads no earlier snapshot again
             if self._adapter is None or entry != os.path.basename(sync_dir):
                 shutil.rmtree(os.path.join(self._tmp.name, entry))
+
+    def _check_adapter_sync(self) -> None:
+        if self.sync == "adapter" and (problem := adapter_sync_problem(self.model)):
+            raise ValueError(f"vllm_sync=adapter is not possible: {problem}; use vllm_sync=merged")
 
     def _reload(self, weights: Iterator[tuple[str, torch.Tensor]], sync_dir: str) -> None:
         if isinstance(self._engine, _LocalEngine) and self._engine.in_process:
             self._engine.load_weights(weights)
         else:  # another process reads the snapshot
             os.makedirs(sync_dir)
-            save_file({name: t.contiguous() for name, t in weights}, os.path.join(sync_dir, "model.safetensors"))
-            self._engine.load_weights_from(sync_dir)
+            try:
+                save_file({name: t.contiguous() for name, t in weights}, os.path.join(sync_dir, "model.safetensors"))
+                self._engine.load_weights_from(sync_dir)
+            finally:  # read by now: a whole model's worth of disk is not kept until the next sync
+                shutil.rmtree(sync_dir)
 
     def _set_adapter(self, adapter: _Adapter | None) -> None:
         old, self._adapter = self._adapter, adapter

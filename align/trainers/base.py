@@ -25,12 +25,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align import checkpoints
 from align.data import ExampleDataset, GroupCollator, LengthGroupedSampler, padded_length
-from align.errors import NonFiniteError
+from align.errors import ConfigError, NonFiniteError
 from align.eval.policy import evaluate_against_reference
-from align.models import completion_logps, load_policy, reference_completion_logps, sequence_logps
+from align.models import base_weights_modified, completion_logps, load_policy, reference_completion_logps, sequence_logps
 from align.rewards import RewardFunction
 from align.sampling import Sampler, SamplingParams, derive_seed
-from align.tasks import Task
+from align.tasks import Task, is_task
 from align.trainers.config import AlignConfig
 from align.trainers.reference import cached_reference_logps
 from align.trainers.rollout import rollout
@@ -301,6 +301,11 @@ class PolicyTrainer(AlignTrainer):
             raise ValueError("online training needs a reward function and a sampler")
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks)
+        if base_weights_modified(model) and (self.uses_reference or is_task(args.dataset)):
+            raise ConfigError(f"lora_init={args.lora_init} (or the init of adapter_path) subtracts the adapter's starting "
+                              "value from the base weights, so the adapter-disabled model is not the base model and "
+                              f"cannot be the reference policy that {type(self).__name__} (or a built-in task's evaluation) uses; use "
+                              "lora_init=default or gaussian, or a trainer without a reference (cpl, use_reference=false)")
         self.reward_fn, self.sampler = reward_fn, sampler
         self.skipped_groups = 0  # online groups dropped: a failed reward, or (pair losses) all rewards equal
         self.rollouts_this_step = 0
@@ -319,7 +324,8 @@ class PolicyTrainer(AlignTrainer):
     def load_model(cls, config: AlignConfig, model_path: str, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
         return load_policy(model_path, adapter_path=config.adapter_path, dtype=config.dtype,
                            trust_remote_code=config.trust_remote_code, r=config.lora_r, alpha=config.lora_alpha,
-                           dropout=config.lora_dropout, target_modules=config.lora_target_modules or "all-linear")
+                           dropout=config.lora_dropout, target_modules=config.lora_target_modules or "all-linear",
+                           use_dora=config.use_dora, use_rslora=config.use_rslora, init=config.lora_init)
 
     def evaluate_task(self, task: Task, prompts: list) -> dict:
         """The policy against its reference on the same prompts and seeds, under the task's reward."""

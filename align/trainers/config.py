@@ -8,6 +8,7 @@ from typing import Literal
 from transformers import TrainingArguments
 
 from align.config import require
+from align.models.policy import LORA_INITS
 
 
 @dataclass
@@ -21,9 +22,12 @@ class AlignConfig(TrainingArguments):
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the checkpoint. Only for models you trust."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r, or lora_alpha / √lora_r with use_rslora)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Module names to adapt; None = all linear layers."})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: a learned magnitude per output times the normalised W + ΔW. vLLM sampling then needs vllm_sync=merged (vLLM's LoRA kernels cannot express DoRA)."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale ΔW by lora_alpha/√lora_r instead of lora_alpha/lora_r (both vLLM syncs support it)."})
+    lora_init: Literal[tuple(LORA_INITS)] = field(default="default", metadata={"help": "LoRA initialisation: default (B = 0), gaussian, pissa or olora. PiSSA/OLoRA start the adapter at the principal (resp. QR) rank-r part of W and subtract it from the base weights, so the adapter-disabled model is that residual, not the base model: they are refused with a trainer or evaluation that uses the reference policy (dpo/ipo, copg, cpl with use_reference, a built-in task's evaluation)."})
     merge_on_save: bool = field(default=False, metadata={"help": "Also export merged full weights (safetensors) to OUTPUT_DIR/merged at the end."})
     # --- data --------------------------------------------------------------------------------
     dataset: str = field(default="builtin:demo", metadata={"help": ".jsonl/.json/.csv/.parquet file, saved dataset dir, hub id, or builtin:demo."})
@@ -45,6 +49,7 @@ class AlignConfig(TrainingArguments):
     sampler: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers generate) or vllm."})
     vllm_mode: Literal["colocate", "server"] = field(default="colocate", metadata={"help": "colocate (engine in this process) or server (`align serve`)."})
     vllm_server_url: str = field(default="http://127.0.0.1:8000", metadata={"help": "Server mode: where `align serve` listens."})
+    vllm_api_key: str | None = field(default=None, repr=False, metadata={"help": "Server mode: the key `align serve --api-key` was started with (default: $ALIGN_VLLM_API_KEY, preferable to a config file). Never written to training_args.json or loggers."})
     vllm_sync: Literal["merged", "adapter"] = field(default="merged", metadata={"help": "merged (full weights) or adapter (LoRA request) weight sync."})
     vllm_sync_every: int = field(default=1, metadata={"help": "Sync vLLM weights every N optimizer steps."})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "vLLM GPU memory fraction (colocate)."})
@@ -69,6 +74,16 @@ class AlignConfig(TrainingArguments):
     learning_rate: float = 1e-4
     num_train_epochs: float = 1.0
     per_device_train_batch_size: int = 8
+
+    def to_dict(self) -> dict:
+        """As ``TrainingArguments.to_dict`` (saved as training_args.json, sent to loggers), with the API key hidden."""
+        values = super().to_dict()
+        if values.get("vllm_api_key"):
+            values["vllm_api_key"] = "<VLLM_API_KEY>"
+        return values
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in sorted(self.to_dict().items()))})"
 
     def __post_init__(self):
         if not self.output_dir:
@@ -97,6 +112,9 @@ class AlignConfig(TrainingArguments):
             ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"),
         ]:
             require(ok, name, getattr(self, name), rule)
+        if self.use_dora and self.sampler == "vllm" and self.vllm_sync == "adapter":
+            raise ValueError("use_dora=true with vllm_sync=adapter: vLLM's LoRA requests cannot express DoRA (no "
+                             "magnitude vector); set vllm_sync: merged, which pushes DoRA's merged weights exactly")
         if self.online and not self.reward:
             raise ValueError("online=true needs a `reward` (builtin:<task>, module:function or rm:<dir>)")
         if self.online and self.precompute_ref_logps:

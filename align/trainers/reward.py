@@ -211,7 +211,8 @@ class RewardTrainer(AlignTrainer):
             torch.manual_seed(config.seed)
             return wrap_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                              target_modules=config.lora_target_modules or "all-linear",
-                             modules_to_save=[head_name(model)], task_type="SEQ_CLS")
+                             modules_to_save=[head_name(model)], task_type="SEQ_CLS", use_dora=config.use_dora,
+                             use_rslora=config.use_rslora, init=config.lora_init)
 
     # --- the loss ------------------------------------------------------------------------------
     def bt_losses(self, chosen: torch.Tensor, rejected: torch.Tensor, batch: dict) -> torch.Tensor:
