@@ -2,6 +2,7 @@
 
 from align.objectives.kl import KLEstimates, kl_estimates
 from align.objectives.policy_gradient import (
+    GRPO_LOSS_TYPES,
     constant_reward_groups,
     grpo_advantages,
     grpo_loss,
@@ -26,6 +27,7 @@ from align.objectives.reward import (
 )
 
 __all__ = [
+    "GRPO_LOSS_TYPES",
     "GroupLossOutput",
     "KLEstimates",
     "PairLossOutput",

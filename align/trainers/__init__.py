@@ -8,6 +8,7 @@ from align.trainers.config import AlignConfig
 from align.trainers.copg import CoPGConfig, CoPGTrainer
 from align.trainers.cpl import CPLConfig, CPLTrainer
 from align.trainers.dpo import DPOConfig, DPOTrainer
+from align.trainers.policy_gradient import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from align.trainers.reward import RewardConfig, RewardTrainer
 
 TRAINERS: dict[str, type[AlignTrainer]] = {
@@ -15,7 +16,10 @@ TRAINERS: dict[str, type[AlignTrainer]] = {
     "dpo": DPOTrainer,
     "copg": CoPGTrainer,
     "reward": RewardTrainer,
+    "grpo": GRPOTrainer,
+    "rloo": RLOOTrainer,
 }
 
 __all__ = ["TRAINERS", "AlignConfig", "AlignTrainer", "CPLConfig", "CPLTrainer", "CoPGConfig", "CoPGTrainer",
-           "DPOConfig", "DPOTrainer", "PolicyTrainer", "RewardConfig", "RewardTrainer"]
+           "DPOConfig", "DPOTrainer", "GRPOConfig", "GRPOTrainer", "PolicyTrainer", "RLOOConfig", "RLOOTrainer", "RewardConfig",
+           "RewardTrainer"]

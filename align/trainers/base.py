@@ -293,6 +293,7 @@ class PolicyTrainer(AlignTrainer):
 
     needs_reference: ClassVar[bool] = False
     online_pairs: ClassVar[bool] = False  # online: reduce each sampled group to (best, worst) for a pair loss
+    token_reference: ClassVar[bool] = False  # the objective reads per-token reference log-probs (batch["ref_token_logps"])
 
     def __init__(self, model, args: AlignConfig, train_dataset, processing_class: PreTrainedTokenizerBase,
                  eval_dataset=None, reward_fn: RewardFunction | None = None, sampler: Sampler | None = None,
@@ -367,6 +368,8 @@ class PolicyTrainer(AlignTrainer):
                 ref_token = reference_completion_logps(self.accelerator.unwrap_model(model), **forward)
                 ref_logps = sequence_logps(ref_token, batch["completion_mask"],
                                            length_normalize=self.args.length_normalize).view(-1, k)
+                if self.token_reference:
+                    batch["ref_token_logps"] = ref_token
         return self.objective(logps, ref_logps, batch)
 
     def log_ratio_metrics(self, logps: LogProbs, ref_logps: torch.Tensor) -> dict:
