@@ -162,10 +162,15 @@ def _render(tokenizer: PreTrainedTokenizerBase, prompt, completion=None) -> tupl
     return rendered["prompt"], rendered.get("completion")
 
 
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a prompt, text or chat messages (rendered with the chat template, the assistant's turn
+    opened), exactly as training sees it."""
+    return encode_prompt(tokenizer, _render(tokenizer, prompt)[0])
+
+
 def tokenize_example(example: dict, tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int,
                      stats: DataStats) -> dict:
-    prompt_text, _ = _render(tokenizer, example["prompt"])
-    prompt_ids = encode_prompt(tokenizer, prompt_text)
+    prompt_ids = prompt_token_ids(tokenizer, example["prompt"])
     if len(prompt_ids) > max_prompt_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
         stats.truncated_prompts += 1

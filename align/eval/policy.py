@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from trl.trainer.utils import use_adapter
 
-from align.data import concat_rows
+from align.data import concat_rows, prompt_token_ids
 from align.models import completion_logps
-from align.rewards import RewardFunction
+from align.rewards import RewardFunction, score
 from align.sampling import HFSampler, SamplingParams
 
 
@@ -26,30 +29,55 @@ def sequence_kl(model, prompt_ids: list[list[int]], completion_ids: list[list[in
     return torch.cat(out)
 
 
-def evaluate_against_reference(model, tokenizer, prompts: list[str], reward: RewardFunction, *,
-                               max_new_tokens: int, seed: int, n: int = 1, temperature: float = 1.0) -> dict:
-    """Sample from the policy and from the reference on the same prompts and seeds.
+@dataclass
+class Scored:
+    """Samples of every prompt (prompt-major), the prompts as the policy saw them, and their rewards."""
 
-    ``win_rate_vs_reference``: P(R(policy sample) > R(reference sample)) on the same prompt, ties ½.
+    prompts: list[str]
+    texts: list[str]
+    completion_ids: list[list[int]]
+    finished: list[bool]
+    rewards: torch.Tensor
+
+
+def sample_scored(model, tokenizer, prompt_ids: list[list[int]], reward: RewardFunction,
+                  params: SamplingParams) -> Scored:
+    samples = HFSampler(model, tokenizer).sample(prompt_ids, params)
+    prompts = [p for p in tokenizer.batch_decode(prompt_ids, skip_special_tokens=False) for _ in range(params.n)]
+    finished = [bool(ids) and ids[-1] == tokenizer.eos_token_id for ids in samples.completion_ids]
+    rewards = torch.tensor(score(reward, prompts, samples.texts, finished=finished), dtype=torch.float64)
+    return Scored(prompts, samples.texts, samples.completion_ids, finished, rewards)
+
+
+def evaluate_against_reference(model, tokenizer, prompts: list, reward: RewardFunction, *, max_new_tokens: int,
+                               seed: int, n: int = 1, temperature: float = 1.0,
+                               breakdown: Callable[[list[str], list[str], list[bool]], dict] | None = None) -> dict:
+    """Sample from the policy and from the reference on the same prompts (text or chat messages) and seeds;
+    ``temperature=0`` decodes greedily.
+
+    ``win_rate_vs_reference``: P(R(policy sample) > R(reference sample)) on the same prompt, ties ½;
+    ``kl_to_reference``: the mean of log π − log π_ref over the policy's samples (an estimate of
+    KL(π‖π_ref) at temperature 1). ``breakdown(prompts, completions, finished)``, e.g. success per
+    constraint kind, is reported for both as ``breakdown_before`` / ``breakdown_after``.
     """
     was_training = model.training
     model.eval()
-    sampler = HFSampler(model, tokenizer)
-    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    policy = sampler.sample(prompt_ids, params)
+    policy = sample_scored(model, tokenizer, prompt_ids, reward, params)
     with use_adapter(model, None):
-        reference = sampler.sample(prompt_ids, params)
-    rows_prompts = [p for p in prompts for _ in range(n)]
-    r_policy = torch.tensor(reward(rows_prompts, policy.texts), dtype=torch.float64)
-    r_reference = torch.tensor(reward(rows_prompts, reference.texts), dtype=torch.float64)
-    wins = (r_policy > r_reference).double() + 0.5 * (r_policy == r_reference).double()
+        reference = sample_scored(model, tokenizer, prompt_ids, reward, params)
+    wins = (policy.rewards > reference.rewards).double() + 0.5 * (policy.rewards == reference.rewards).double()
     kl = sequence_kl(model, [p for p in prompt_ids for _ in range(n)], policy.completion_ids, tokenizer.pad_token_id)
     model.train(was_training)
-    return {
-        "true_reward_before": r_reference.mean().item(),
-        "true_reward_after": r_policy.mean().item(),
+    out = {
+        "true_reward_before": reference.rewards.mean().item(),
+        "true_reward_after": policy.rewards.mean().item(),
         "win_rate_vs_reference": wins.mean().item(),
         "kl_to_reference": kl.mean().item(),
         "eval_samples": len(policy.texts),
     }
+    if breakdown is not None:
+        out["breakdown_before"] = breakdown(reference.prompts, reference.texts, reference.finished)
+        out["breakdown_after"] = breakdown(policy.prompts, policy.texts, policy.finished)
+    return out

@@ -17,7 +17,7 @@ def derive_seed(*parts: int) -> int:
 class SamplingParams:
     n: int = 1
     max_new_tokens: int = 32
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 = greedy (as vLLM)
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k filtering
     seed: int | None = None
@@ -27,8 +27,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ValueError(f"SamplingParams.temperature must be > 0, got {self.temperature}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:

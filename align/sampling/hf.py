@@ -44,7 +44,7 @@ def sampling_processors(params: SamplingParams, recorder: SampledLogProbs) -> Lo
     """Temperature, top-k and top-p (in ``generate``'s own order), then ``recorder``. ``generate`` runs a
     caller's processors before its own warpers, so the warpers are given here and ``generate``'s are left
     off (temperature 1, no top-k/top-p)."""
-    processors = [TemperatureLogitsWarper(params.temperature)] if params.temperature != 1.0 else []
+    processors = [TemperatureLogitsWarper(params.temperature)] if params.temperature not in (0.0, 1.0) else []
     if params.top_k:
         processors.append(TopKLogitsWarper(params.top_k))
     if params.top_p < 1.0:
@@ -98,7 +98,7 @@ class HFSampler:
                     input_ids, attention_mask = left_pad(rows[start : start + self.batch_size], pad, device)
                     recorder = SampledLogProbs()
                     out = self.model.generate(
-                        input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0,
+                        input_ids=input_ids, attention_mask=attention_mask, do_sample=params.temperature > 0, temperature=1.0,
                         top_k=0, top_p=1.0, max_new_tokens=params.max_new_tokens, eos_token_id=eos,
                         pad_token_id=pad, logits_processor=sampling_processors(params, recorder),
                     )

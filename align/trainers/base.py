@@ -26,7 +26,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from align import checkpoints
 from align.data import ExampleDataset, GroupCollator, LengthGroupedSampler, padded_length
 from align.errors import ConfigError, NonFiniteError
-from align.eval.policy import evaluate_against_reference
 from align.models import base_weights_modified, completion_logps, load_policy, reference_completion_logps, sequence_logps
 from align.rewards import RewardFunction
 from align.sampling import Sampler, SamplingParams, derive_seed
@@ -330,9 +329,8 @@ class PolicyTrainer(AlignTrainer):
 
     def evaluate_task(self, task: Task, prompts: list) -> dict:
         """The policy against its reference on the same prompts and seeds, under the task's reward."""
-        model, a = self.accelerator.unwrap_model(self.model), self.args
-        return evaluate_against_reference(model, self.processing_class, prompts, task.reward,
-                                          max_new_tokens=a.max_new_tokens, seed=a.seed + 1, n=4)
+        return task.evaluate(self.accelerator.unwrap_model(self.model), self.processing_class, prompts,
+                             max_new_tokens=self.args.max_new_tokens, seed=self.args.seed + 1)
 
     def _with_reference_logps(self, dataset: ExampleDataset) -> ExampleDataset:
         """The examples with their reference log-probs (``ref_logps``, read by the collator), from the cache
