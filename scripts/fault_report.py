@@ -23,6 +23,7 @@ SUITES = {  # test file -> what it injects
     "tests/test_bad_input.py": "malformed data, configs, models (+ fuzz)",
     "tests/test_numerical_faults.py": "NaN/inf loss and gradients, failing rewards",
     "tests/test_sandbox.py": "malicious generated code",
+    "tests/test_security.py": "forged code rewards, remote code, pickles, paths",
 }
 
 
