@@ -34,6 +34,11 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP/DataParallel wrappers, keeping a peft wrapper."""
+    return extract_model_from_parallel(model)
+
+
 def left_pad(rows: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids`` and ``attention_mask`` of token rows padded on the left, as generation needs them

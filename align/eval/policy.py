@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from trl.trainer.utils import use_adapter
 
 from align.data import concat_rows, prompt_token_ids
-from align.models import completion_logps
+from align.models import completion_logps, reference_completion_logps, reference_policy
 from align.rewards import RewardFunction, score
 from align.sampling import HFSampler, SamplingParams
 
@@ -23,8 +22,7 @@ def sequence_kl(model, prompt_ids: list[list[int]], completion_ids: list[list[in
         batch = concat_rows(prompt_ids[s : s + batch_size], completion_ids[s : s + batch_size], pad_token_id)
         batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
         policy = completion_logps(model, **batch).sum(-1)
-        with use_adapter(model, None):
-            reference = completion_logps(model, **batch).sum(-1)
+        reference = reference_completion_logps(model, **batch).sum(-1)
         out.append((policy - reference).cpu())
     return torch.cat(out)
 
@@ -65,7 +63,7 @@ def evaluate_against_reference(model, tokenizer, prompts: list, reward: RewardFu
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     policy = sample_scored(model, tokenizer, prompt_ids, reward, params)
-    with use_adapter(model, None):
+    with reference_policy(model):
         reference = sample_scored(model, tokenizer, prompt_ids, reward, params)
     wins = (policy.rewards > reference.rewards).double() + 0.5 * (policy.rewards == reference.rewards).double()
     kl = sequence_kl(model, [p for p in prompt_ids for _ in range(n)], policy.completion_ids, tokenizer.pad_token_id)

@@ -6,9 +6,9 @@ from contextlib import contextmanager
 
 import torch
 import trl.trainer.utils as trl_utils
-from trl.trainer.utils import use_adapter
 
 from align.hf_utils import unwrap_model
+from align.models.reference import reference_policy
 
 # Vocabulary width of the fused head's tiles off CUDA. TRL projects [tokens, 32768] tiles; on CUDA its Triton
 # kernel folds a tile in place, but the torch fallback keeps several fp32 copies of it: with 1024 completion
@@ -66,8 +66,9 @@ def _backbone(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def reference_completion_logps(model: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:
-    """Per-token log-probs under the reference policy: the same model with its adapter disabled."""
-    with torch.no_grad(), use_adapter(model, None):
+    """Per-token log-probs under the reference policy (``align.models.reference``): the same model with its
+    adapter disabled, or with a frozen adapter snapshot swapped in."""
+    with torch.no_grad(), reference_policy(model):
         return completion_logps(model, **batch)
 
 

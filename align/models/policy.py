@@ -13,6 +13,7 @@ from trl.trainer import add_fused_lm_head
 
 from align.errors import ModelLoadError
 from align.hf_utils import DTYPES, ensure_pad_token
+from align.models.reference import freeze_reference
 from align.models.resolve import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,18 @@ def load_causal_lm(
                              f"incomplete ({err}); save or download the model again") from err
     add_fused_lm_head(model)  # must come before PEFT wrapping (TRL docstring)
     return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in the model's own layers (``nn.Dropout`` modules and the attention's dropout rate), as TRL's
+    trainers do, so that the policy and its reference score a completion alike (the log-ratio is 0 before any
+    update) and reference log-probs computed once equal the per-step ones. LoRA's own dropout
+    (``lora_dropout``) is a training choice of the adapter and is left as configured."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def check_vocab(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
@@ -144,7 +157,8 @@ def load_policy(
     trust_remote_code: bool = False,
     **lora_kwargs,
 ) -> PeftModel:
-    """A LoRA policy: a new adapter, or a saved one from ``adapter_path`` (trainable)."""
+    """A LoRA policy: a new adapter, or a saved one from ``adapter_path`` (trainable), which is then also the
+    reference policy, frozen (``align.models.reference``): training continues from it and stays close to it."""
     model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if adapter_path is None:
         try:
@@ -152,10 +166,12 @@ def load_policy(
         except ValueError as err:
             raise ModelLoadError(f"could not add LoRA to {name_or_path!r}: {err}; check `lora_target_modules`") from err
     try:
-        return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:  # missing files, another base model
         raise ModelLoadError(f"could not load the adapter {adapter_path!r} onto {name_or_path!r}: "
                              f"{str(err).splitlines()[0]}; check `adapter_path` (and that it was trained on this model)") from err
+    freeze_reference(model)
+    return model
 
 
 def load_generator(name_or_path: str, adapter: str | None = None, *, trust_remote_code: bool = False):

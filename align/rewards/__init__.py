@@ -9,8 +9,9 @@ from align.rewards.tasks import TASK_REWARDS
 def load_reward(spec: str) -> RewardFunction:
     """``builtin:<task>`` (``builtin:demo``; ``builtin:constraints`` and ``builtin:constraints_shaped``, see
     ``align.rewards.constraints``), ``rm:<reward model dir>[?normalize=true&...]``,
-    ``sandbox:module:function`` (``function(prompt, completion)`` builds programs that run sandboxed,
-    see ``align.rewards.sandbox``) or ``module:function``."""
+    ``sandbox:module:function`` (``function(prompt, completion)`` returns a ``CodeTask``: a program and
+    (input, expected output) cases, judged outside the sandbox; see ``align.rewards.sandbox``) or
+    ``module:function``."""
     if spec.startswith("rm:"):
         from align.rewards.model import RewardModelReward  # loads transformers/peft only when used
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors.torch import load_file, save_file
 from accelerate.utils import gather_object
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
@@ -26,7 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from align import checkpoints
 from align.data import ExampleDataset, GroupCollator, LengthGroupedSampler, padded_length
 from align.errors import ConfigError, NonFiniteError
-from align.models import base_weights_modified, completion_logps, load_policy, reference_completion_logps, sequence_logps
+from align.models import REFERENCE_FILE, base_weights_modified, freeze_reference, completion_logps, disable_dropout, load_policy, reference_snapshot, reference_completion_logps, sequence_logps
 from align.rewards import RewardFunction
 from align.sampling import Sampler, SamplingParams, derive_seed
 from align.tasks import Task, is_task
@@ -206,6 +207,9 @@ class AlignTrainer(Trainer):
         if self.state.best_model_checkpoint == str(staged):
             self.state.best_model_checkpoint = str(final)
             self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+        snapshot = reference_snapshot(self.model)
+        if snapshot is not None:  # a frozen reference adapter (adapter_path, CPL-KL after its warm-up)
+            save_file({k: v.contiguous() for k, v in snapshot.items()}, staged / REFERENCE_FILE)
         checkpoints.write_manifest(staged, self._resume_state())
         checkpoints.commit(staged, final)
         checkpoints.remove_stale(run_dir)
@@ -250,6 +254,8 @@ class AlignTrainer(Trainer):
                                                   "continue the same run; use the original settings and data, or a "
                                                   "new output_dir")
         self.nonfinite_steps = saved["nonfinite_steps"]
+        if (Path(checkpoint) / REFERENCE_FILE).exists():
+            freeze_reference(self.model, load_file(Path(checkpoint) / REFERENCE_FILE))
         return saved
 
     # --- metrics ------------------------------------------------------------------------------
@@ -301,7 +307,7 @@ class PolicyTrainer(AlignTrainer):
             raise ValueError("online training needs a reward function and a sampler")
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks)
-        if base_weights_modified(model) and (self.uses_reference or is_task(args.dataset)):
+        if base_weights_modified(model) and reference_snapshot(model) is None and (self.uses_reference or is_task(args.dataset)):
             raise ConfigError(f"lora_init={args.lora_init} (or the init of adapter_path) subtracts the adapter's starting "
                               "value from the base weights, so the adapter-disabled model is not the base model and "
                               f"cannot be the reference policy that {type(self).__name__} (or a built-in task's evaluation) uses; use "
@@ -322,10 +328,13 @@ class PolicyTrainer(AlignTrainer):
 
     @classmethod
     def load_model(cls, config: AlignConfig, model_path: str, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-        return load_policy(model_path, adapter_path=config.adapter_path, dtype=config.dtype,
+        model = load_policy(model_path, adapter_path=config.adapter_path, dtype=config.dtype,
                            trust_remote_code=config.trust_remote_code, r=config.lora_r, alpha=config.lora_alpha,
                            dropout=config.lora_dropout, target_modules=config.lora_target_modules or "all-linear",
                            use_dora=config.use_dora, use_rslora=config.use_rslora, init=config.lora_init)
+        if config.disable_dropout:
+            disable_dropout(model)
+        return model
 
     def evaluate_task(self, task: Task, prompts: list) -> dict:
         """The policy against its reference on the same prompts and seeds, under the task's reward."""
@@ -358,7 +367,6 @@ class PolicyTrainer(AlignTrainer):
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         k = batch["group_size"]
         forward = {key: batch[key] for key in ("input_ids", "attention_mask", "completion_mask")}
-        logps = LogProbs(completion_logps(model, **forward), batch["completion_mask"], k, self.args.length_normalize)
         ref_logps = None
         if self.uses_reference:
             ref_logps = batch.get("ref_logps")
@@ -368,6 +376,9 @@ class PolicyTrainer(AlignTrainer):
                                            length_normalize=self.args.length_normalize).view(-1, k)
                 if self.token_reference:
                     batch["ref_token_logps"] = ref_token
+        # the policy forward after the reference's: a frozen reference adapter is swapped in and out of the
+        # weights, which must not change while the policy's graph is alive
+        logps = LogProbs(completion_logps(model, **forward), batch["completion_mask"], k, self.args.length_normalize)
         return self.objective(logps, ref_logps, batch)
 
     def log_ratio_metrics(self, logps: LogProbs, ref_logps: torch.Tensor) -> dict:

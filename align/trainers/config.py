@@ -28,6 +28,7 @@ class AlignConfig(TrainingArguments):
     use_dora: bool = field(default=False, metadata={"help": "DoRA: a learned magnitude per output times the normalised W + ΔW. vLLM sampling then needs vllm_sync=merged (vLLM's LoRA kernels cannot express DoRA)."})
     use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale ΔW by lora_alpha/√lora_r instead of lora_alpha/lora_r (both vLLM syncs support it)."})
     lora_init: Literal[tuple(LORA_INITS)] = field(default="default", metadata={"help": "LoRA initialisation: default (B = 0), gaussian, pissa or olora. PiSSA/OLoRA start the adapter at the principal (resp. QR) rank-r part of W and subtract it from the base weights, so the adapter-disabled model is that residual, not the base model: they are refused with a trainer or evaluation that uses the reference policy (dpo/ipo, copg, cpl with use_reference, a built-in task's evaluation)."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Turn off the model's own dropout (as TRL does), so the policy and its reference score alike and precomputed reference log-probs equal per-step ones; lora_dropout stays as set."})
     merge_on_save: bool = field(default=False, metadata={"help": "Also export merged full weights (safetensors) to OUTPUT_DIR/merged at the end."})
     # --- data --------------------------------------------------------------------------------
     dataset: str = field(default="builtin:demo", metadata={"help": ".jsonl/.json/.csv/.parquet file, saved dataset dir, hub id, or builtin:demo."})

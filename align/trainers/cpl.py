@@ -9,6 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback, get_scheduler
 
 from align.config import require
+from align.models import freeze_reference
 from align.objectives import cpl_loss, cpl_ranked_loss
 from align.trainers.base import LogProbs, PolicyTrainer
 from align.trainers.config import AlignConfig
@@ -24,7 +25,7 @@ class CPLConfig(AlignConfig):
     bc_weight: float = field(default=0.0, metadata={"help": "CPL-BC: weight of the mean token NLL on all responses."})
     bc_warmup_steps: int = field(default=0, metadata={"help": "Steps of BC only (on all responses) before CPL starts."})
     bc_restart: bool = field(default=True, metadata={"help": "After the BC warm-up, restart the optimizer (fresh Adam moments) and the learning-rate schedule (its warm-up included) as the official CPL code does; false: one optimizer and schedule throughout."})
-    use_reference: bool = field(default=False, metadata={"help": "CPL-KL: scores α·(log π − log π_ref); λ=1 gives DPO(β=α)."})
+    use_reference: bool = field(default=False, metadata={"help": "CPL-KL: scores α·(log π − log π_ref); λ=1 gives DPO(β=α). After a BC warm-up the reference is the policy at its end."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -34,15 +35,21 @@ class CPLConfig(AlignConfig):
         require(self.bc_warmup_steps >= 0, "bc_warmup_steps", self.bc_warmup_steps, ">= 0")
 
 
-class RestartOptimizer(TrainerCallback):
-    """Clears the optimizer's state (Adam moments) when the contrastive phase begins: a fresh optimizer."""
+class ContrastivePhase(TrainerCallback):
+    """When the contrastive phase begins after the BC warm-up: a fresh optimizer (Adam moments cleared) with
+    ``bc_restart``, and with ``use_reference`` (CPL-KL) the policy as it is now becomes the frozen reference,
+    as in the official CPL code."""
 
     def __init__(self, trainer: "CPLTrainer"):
         self.trainer = trainer
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == args.bc_warmup_steps:
+        if state.global_step != args.bc_warmup_steps:
+            return
+        if args.bc_restart:
             self.trainer.optimizer.state.clear()
+        if args.use_reference:
+            freeze_reference(self.trainer.model)
 
 
 class CPLTrainer(PolicyTrainer):
@@ -55,8 +62,8 @@ class CPLTrainer(PolicyTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.args.bc_warmup_steps and self.args.bc_restart:
-            self.add_callback(RestartOptimizer(self))
+        if self.args.bc_warmup_steps:
+            self.add_callback(ContrastivePhase(self))
 
     @classmethod
     def requires_scores(cls, config: CPLConfig, kind: str) -> bool:

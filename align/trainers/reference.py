@@ -1,6 +1,6 @@
 """Reference log-probs of a whole offline dataset, computed once and cached on disk (``precompute_ref_logps``).
 
-The reference policy is the base model (the adapter disabled), which training never changes: its sequence
+The reference policy is the base model (the adapter disabled) or a frozen adapter, which training never changes: its sequence
 log-probs of every (prompt, completion) can be computed in one no-grad pass before training, and every
 later step skips its reference forward. The result is cached under ``$ALIGN_CACHE/ref_logps`` (default
 ``~/.cache/align``), keyed by a fingerprint of the base model (its config, where it was loaded from, and the
@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from align.cache import cache_dir
 from align.data import GroupCollator, padded_length
-from align.models import reference_completion_logps, sequence_logps
+from align.models import reference_completion_logps, reference_snapshot, sequence_logps
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,12 @@ def base_model_identity(model: torch.nn.Module) -> dict:
             if path.suffix in (".safetensors", ".bin"):
                 stat = path.stat()
                 weights.append([path.name, stat.st_size, stat.st_mtime_ns])
+    snapshot = reference_snapshot(model)  # a frozen reference adapter (adapter_path)
+    adapter = None if snapshot is None else hashlib.sha256(
+        b"".join(snapshot[k].float().cpu().numpy().tobytes() for k in sorted(snapshot))).hexdigest()
     return {"config": config.to_json_string(use_diff=False), "origin": os.path.realpath(origin) if weights else origin,
             "weights": weights, "commit": getattr(config, "_commit_hash", None),
-            "dtype": str(next(model.parameters()).dtype)}
+            "dtype": str(next(model.parameters()).dtype), "reference_adapter": adapter}
 
 
 def fingerprint(model: torch.nn.Module, dataset, length_normalize: bool) -> str:
