@@ -271,17 +271,18 @@ def test_metarm_with_zero_inner_step_is_the_vanilla_gradient(tmp_path, tiny_lm_d
 
 
 def test_metarm_with_defaults_moves_the_gradient_away_from_bradley_terry(tmp_path, tiny_lm_dir):
-    """With the defaults the inner step is the size of an AdamW step of the learning rate (RMS η = lr
-    per parameter), so ∇L(θ') differs measurably from the vanilla ∇L(θ); a plain SGD step η∇J with
-    η = lr (the old default) left MetaRM equal to Bradley-Terry."""
+    """With the defaults the inner step is about an AdamW step of the learning rate (RMS η per parameter,
+    η = lr·√((1-β₁)/(1+β₁))), so ∇L(θ') differs measurably from the vanilla ∇L(θ); a plain SGD step
+    η∇J with η = lr (the old default) left MetaRM equal to Bradley-Terry."""
     trainer = _meta_trainer(tmp_path, tiny_lm_dir)
-    assert trainer.args.meta_normalize and trainer.meta_lr == trainer.args.learning_rate
+    eta = 5e-3 * (0.1 / 1.9) ** 0.5  # β₁ = 0.9
+    assert trainer.args.meta_normalize and trainer.meta_lr == pytest.approx(eta)
     batch, meta = full_batch(trainer), next(trainer.meta_batches)
     trainer.meta_batches = iter([meta, meta])
     meta_grads = _grads(trainer, batch)
     n = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    assert logged["metarm/inner_step_norm"] == pytest.approx(trainer.args.learning_rate * n**0.5, rel=1e-4)
+    assert logged["metarm/inner_step_norm"] == pytest.approx(eta * n**0.5, rel=1e-4)
     trainer.args.meta_normalize, trainer.meta_lr = False, trainer.args.learning_rate  # the old default
     sgd_grads = _grads(trainer, batch)
     trainer.meta_batches = None
@@ -319,7 +320,8 @@ def test_metarm_takes_the_bradley_terry_gradient_at_the_ascended_parameters(tmp_
 
 
 def test_metarm_logs_the_outer_step_beside_the_inner_step(tmp_path, tiny_lm_dir):
-    """A short run: ‖θ_t - θ_{t-1}‖ of each optimizer step is logged at the next step, beside ‖θ' - θ‖."""
+    """A short run: ‖θ_t - θ_{t-1}‖ of each optimizer step is logged at the next step, beside ‖θ' - θ‖,
+    whose η follows the learning-rate schedule."""
     trainer = _meta_trainer(tmp_path, tiny_lm_dir, max_steps=3, logging_strategy="steps", logging_steps=1)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     snapshots = []
@@ -337,8 +339,10 @@ def test_metarm_logs_the_outer_step_beside_the_inner_step(tmp_path, tiny_lm_dir)
     for step in (1, 2):  # logged at step t + 1: the step from θ_{t-1} to θ_t
         expected = RewardTrainer.parameter_distance(thetas[step], thetas[step - 1])
         assert logs[step]["metarm/outer_step_norm"] == pytest.approx(expected, rel=1e-4)
+    # RMS η per parameter, η on the learning rate's linear schedule: η₀ · (1, 2/3, 1/3)
     n = sum(p.numel() for p in params)
-    assert all(h["metarm/inner_step_norm"] == pytest.approx(5e-3 * n**0.5, rel=1e-4) for h in logs)
+    for step, h in enumerate(logs):
+        assert h["metarm/inner_step_norm"] == pytest.approx(trainer.meta_lr * (1 - step / 3) * n**0.5, rel=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------

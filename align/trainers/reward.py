@@ -25,11 +25,14 @@ the paper is silent, align chooses (and says so at the option):
   AdamW, which moves every parameter by about α whatever the gradient's size, while an SGD inner step
   η∇J moves θ by η‖∇J‖, orders of magnitude less at η = α (the meta term vanished: MetaRM was BT).
   So the inner ascent is normalised by default (``meta_normalize``): ``θ' = θ + η·√n·∇J/‖∇J‖`` over
-  the n trainable parameters, a step of root-mean-square η per parameter, the size of an AdamW step of
-  learning rate η; η = ``meta_lr`` defaults to ``learning_rate``, so ‖θ' − θ‖ ≈ the outer step (both
-  are logged: ``metarm/inner_step_norm``, ``metarm/outer_step_norm``). ``meta_normalize=false`` is
-  Alg. 1 as printed (θ + η∇J). m = ``meta_batch_size`` prompts per step; k = the responses per prompt
-  in ``meta_dataset``.
+  the n trainable parameters, a step of root-mean-square η per parameter (η = α would be a full AdamW
+  step, every parameter moving by α). η = ``meta_lr`` follows the learning-rate schedule as α does; its
+  default is the RMS of an AdamW step once the gradient is mostly noise, ``α·√((1-β₁)/(1+β₁))`` (the
+  momentum of i.i.d. gradients has variance (1-β₁)/(1+β₁) of theirs), ≈ α/4 at β₁ = 0.9, so that
+  ‖θ' − θ‖ is about the outer step (both are logged: ``metarm/inner_step_norm``,
+  ``metarm/outer_step_norm``; a full AdamW step, η = α, was 3-6 times the outer step and cost accuracy
+  in ``scripts/rm_noise.py``). ``meta_normalize=false`` is Alg. 1 as printed (θ + η∇J). m =
+  ``meta_batch_size`` prompts per step; k = the responses per prompt in ``meta_dataset``.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ class RewardConfig(AlignConfig):
     contrastive_dropout: float = field(default=0.05, metadata={"help": "Dropout on the token embeddings that makes the two views (paper: dropout 0.05)."})
     # --- MetaRM (§3.2) -----------------------------------------------------------------------
     meta_dataset: str | None = field(default=None, metadata={"help": "Unlabelled responses of the shifted policy: groups (prompt + completions) or pairs. Enables MetaRM."})
-    meta_lr: float | None = field(default=None, metadata={"help": "MetaRM inner ascent step eta (not given in the paper); None = learning_rate. With meta_normalize: root-mean-square change per trainable parameter (the size of an AdamW step of learning rate eta)."})
+    meta_lr: float | None = field(default=None, metadata={"help": "MetaRM inner ascent step eta at the peak of the learning-rate schedule, which it follows (not given in the paper); None = learning_rate*sqrt((1-adam_beta1)/(1+adam_beta1)), the RMS of an AdamW step on noisy gradients. With meta_normalize: root-mean-square change per trainable parameter."})
     meta_normalize: bool = field(default=True, metadata={"help": "MetaRM inner step theta' = theta + eta*sqrt(n)*grad J/|grad J| over the n trainable parameters; false: plain SGD theta + eta*grad J (Alg. 1 as printed)."})
     meta_batch_size: int = field(default=4, metadata={"help": "MetaRM prompts per step (m; not given in the paper)."})
     # --- saving ------------------------------------------------------------------------------
@@ -209,7 +212,9 @@ class RewardTrainer(AlignTrainer):
             self.model.get_input_embeddings().register_forward_hook(
                 lambda module, inputs, output: F.dropout(output, p, module.training))
         self.meta_batches = self._meta_batches() if args.meta_dataset else None
-        self.meta_lr = args.learning_rate if args.meta_lr is None else args.meta_lr
+        self.meta_lr = args.meta_lr
+        if self.meta_lr is None:  # the RMS of an AdamW step on noisy gradients (module docstring)
+            self.meta_lr = args.learning_rate * ((1 - args.adam_beta1) / (1 + args.adam_beta1)) ** 0.5
         self.meta_previous_theta = None  # (global step, θ) of the last MetaRM step: the outer step's size
 
     # --- the model -----------------------------------------------------------------------------
@@ -288,10 +293,10 @@ class RewardTrainer(AlignTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """With MetaRM: θ' = θ + η ∇J(X_s) (ascent on the difference of shifted-policy responses, Eq. 11;
-        normalised to a step of RMS η per parameter unless ``meta_normalize`` is off), then the
-        Bradley-Terry gradient at θ' (the usual step accumulates it), then θ is restored, so the optimizer
-        applies ∇L(θ') to θ: the first-order update of Alg. 1. Logs ‖θ' − θ‖ and the size ‖θ_t − θ_{t-1}‖
-        of the previous optimizer step."""
+        normalised to a step of RMS η per parameter unless ``meta_normalize`` is off; η follows the
+        learning-rate schedule), then the Bradley-Terry gradient at θ' (the usual step accumulates it),
+        then θ is restored, so the optimizer applies ∇L(θ') to θ: the first-order update of Alg. 1. Logs
+        ‖θ' − θ‖ and the size ‖θ_t − θ_{t-1}‖ of the previous optimizer step."""
         if self.meta_batches is None:
             return super().training_step(model, inputs, num_items_in_batch)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -309,11 +314,14 @@ class RewardTrainer(AlignTrainer):
         difference = metarm_difference(rewards.view(-1, batch["group_size"])).mean()
         grads = [(p, g) for p, g in zip(params, torch.autograd.grad(difference, params, allow_unused=True))
                  if g is not None]
-        scale = self.meta_lr
+        # η follows the schedule as the outer step does (no scheduler outside the training loop: the peak)
+        scheduler = getattr(self, "lr_scheduler", None)
+        scheduled = scheduler.get_last_lr()[0] / self.args.learning_rate if scheduler is not None else 1.0
+        scale = self.meta_lr * scheduled
         if self.args.meta_normalize:
             grad_norm = sum(float(g.float().square().sum()) for _, g in grads) ** 0.5
             n = sum(p.numel() for p in params)
-            scale = self.meta_lr * n**0.5 / grad_norm if grad_norm > 0 else 0.0
+            scale = scale * n**0.5 / grad_norm if grad_norm > 0 else 0.0
         with torch.no_grad():
             for p, g in grads:
                 p.add_(g, alpha=scale)
