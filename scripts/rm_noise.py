@@ -19,9 +19,10 @@ hyper-parameters), trained once per seed:
 * ``soft_margin``: "Soft Label + Margin" (§2.5): label smoothing α = ``soft_alpha`` on the pairs with
   μ̂ < 0 (the paper's alternative to flipping them; α is not given, 0.5 makes them ties) + margin;
 * ``metarm``: MetaRM (§3.2, Alg. 1) with the trainer's defaults (a normalised inner ascent step of RMS
-  η = lr per parameter, a full AdamW step, on the learning-rate schedule); the unlabelled meta set is ``meta_k`` demo
-  base-policy samples for each of ``meta_prompts`` fresh prompts (the distribution the held-out pairs
-  come from; the paper's is the RL-shifted policy, which this task does not have);
+  η = lr·√((1-β₁)/(1+β₁)) ≈ lr/4 per parameter, about an AdamW step, on the learning-rate schedule);
+  the unlabelled meta set is ``meta_k`` demo base-policy samples for each of ``meta_prompts`` fresh
+  prompts (the distribution the held-out pairs come from; the paper's is the RL-shifted policy, which
+  this task does not have);
 * ``metarm_sgd``: MetaRM with Alg. 1's plain SGD inner step η∇J, η = lr (align's default before #13,
   which had no schedule on η);
 * ``clean``: plain BT on the same pairs without the flips (a reference, not a method).
@@ -53,8 +54,8 @@ import torch
 from align import demo
 from align.data import build_dataset
 from align.models import load_causal_lm, load_tokenizer
-from align.sampling import HFSampler, SamplingParams
 from align.objectives import flip_mask
+from align.sampling import HFSampler, SamplingParams
 from align.trainers.reward import RewardConfig, RewardTrainer, pair_rewards, strength_ensemble
 
 METHODS = {
