@@ -10,16 +10,28 @@ Held-out pairs (fresh prompts) are scored against the *true* order; pairs with R
 out. Every method is the same LoRA reward model on the demo base (``RewardTrainer``, same
 hyper-parameters), trained once per seed:
 
-* ``bt``: plain Bradley-Terry;            * ``flip``: the ``flip_fraction`` lowest-strength pairs swapped;
+* ``bt``: plain Bradley-Terry;
+* ``flip``: the pairs with μ̂ < 0 swapped, the lowest first, at most ``flip_fraction`` of the pairs (§2.4.1);
 * ``margin``: adaptive margin max(μ̂, 0);  * ``ls``: label smoothing α = ``ls_alpha`` on all pairs;
 * ``simcse``: + SimCSE (β = 1, τ = 0.05, embedding dropout 0.05);
 * ``simcse_diff``: + SimCSE on chosen-minus-rejected features;
 * ``flip_margin``: flip + margin, the paper's combination of its two data-side fixes (§2.5);
+* ``soft_margin``: "Soft Label + Margin" (§2.5): label smoothing α = ``soft_alpha`` on the pairs with
+  μ̂ < 0 (the paper's alternative to flipping them; α is not given, 0.5 makes them ties) + margin;
+* ``metarm``: MetaRM (§3.2, Alg. 1) with the trainer's defaults (a normalised inner ascent step of RMS
+  η = lr·√((1-β₁)/(1+β₁)) ≈ lr/4 per parameter, about an AdamW step, on the learning-rate schedule);
+  the unlabelled meta set is ``meta_k`` demo base-policy samples for each of ``meta_prompts`` fresh
+  prompts (the distribution the held-out pairs come from; the paper's is the RL-shifted policy, which
+  this task does not have);
+* ``metarm_sgd``: MetaRM with Alg. 1's plain SGD inner step η∇J, η = lr (align's default before #13,
+  which had no schedule on η);
 * ``clean``: plain BT on the same pairs without the flips (a reference, not a method).
 
 The preference strength μ̂ comes from an ensemble of ``models`` plain BT reward models trained on the
 noisy training pairs (M LoRA adapters on one frozen base, ``align.strength.strength_ensemble``);
-``strength_precision``/``strength_recall`` say how well its bottom ``flip_fraction`` slice finds F.
+``strength_precision``/``strength_recall`` say how well the pairs ``flip`` swaps find F (and
+``negative_precision``/``negative_recall`` how well all the pairs with μ̂ < 0 do). For MetaRM the table
+gives the mean inner step ‖θ' − θ‖ and the mean optimizer step ‖θ_t − θ_{t-1}‖.
 
 Run ``python scripts/rm_noise.py [--seeds 0 1 2] [--workers 2] [--json PATH] [--out DIR]``; the table
 (markdown and JSON) and ``rm_noise.png`` go to ``--out`` (default runs/rm_noise).
@@ -43,6 +55,7 @@ from align import demo
 from align.data import build_dataset
 from align.models import load_causal_lm, load_tokenizer
 from align.objectives import flip_mask
+from align.sampling import HFSampler, SamplingParams
 from align.strength import strength_ensemble
 from align.trainers.reward import RewardConfig, RewardTrainer, pair_rewards
 
@@ -54,9 +67,13 @@ METHODS = {
     "simcse": {"contrastive": "simcse"},
     "simcse_diff": {"contrastive": "simcse_diff"},
     "flip_margin": {"flip_fraction": None, "adaptive_margin": True},
+    "soft_margin": {"label_smoothing": None, "smoothing_slice": "negative", "adaptive_margin": True},
+    "metarm": {"meta_dataset": None},  # None: the meta set this script samples
+    "metarm_sgd": {"meta_dataset": None, "meta_normalize": False},
     "clean": {},
 }
-DEFAULT_METHODS = ["bt", "flip", "margin", "ls", "simcse", "flip_margin", "clean"]
+DEFAULT_METHODS = ["bt", "flip", "margin", "ls", "simcse", "flip_margin", "soft_margin", "metarm", "metarm_sgd",
+                   "clean"]
 
 
 def noisy_labels(rows: list[dict], *, noise: float, tie_band: float, seed: int) -> tuple[list[dict], list[dict], dict]:
@@ -78,6 +95,15 @@ def noisy_labels(rows: list[dict], *, noise: float, tie_band: float, seed: int) 
     return noisy, clean, masks
 
 
+def meta_groups(policy, tokenizer, prompts: list[str], *, k: int, seed: int) -> list[dict]:
+    """MetaRM's unlabelled set: ``k`` policy samples per prompt (prompts with an empty sample are left out)."""
+    samples = HFSampler(policy, tokenizer).sample([tokenizer(p)["input_ids"] for p in prompts],
+                                                  SamplingParams(n=k, max_new_tokens=12, seed=seed))
+    groups = [{"prompt": p, "completions": [samples.texts[i].strip() for i in index]}
+              for p, index in zip(prompts, samples.grouped())]
+    return [g for g in groups if all(g["completions"])]
+
+
 def swap(row: dict) -> dict:
     return {"prompt": row["prompt"], "chosen": row["rejected"], "rejected": row["chosen"],
             "chosen_reward": row["rejected_reward"], "rejected_reward": row["chosen_reward"]}
@@ -92,6 +118,12 @@ def accuracies(diff: torch.Tensor, true: torch.Tensor, tie_band: float) -> dict:
                        ("accuracy_near_tie", (true != 0) & (true.abs() < tie_band))):
         out[name] = right[keep].float().mean().item() if keep.any() else math.nan
     return out
+
+
+def precision_recall(selected: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    """Precision and recall of a boolean selection against the true set (0 for an empty one)."""
+    found = int((selected & truth).sum())
+    return found / max(int(selected.sum()), 1), found / max(int(truth.sum()), 1)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -132,15 +164,20 @@ def plot(result: dict, strength: torch.Tensor, masks: dict, threshold: float, pa
 
 
 def table(result: dict) -> str:
-    lines = ["| method | accuracy (mean ± std) | clear pairs | near-ties | seconds/model |", "|---|---|---|---|---|"]
+    lines = ["| method | accuracy (mean ± std) | clear pairs | near-ties | seconds/model | MetaRM ‖θ'−θ‖ / step |",
+             "|---|---|---|---|---|---|"]
     for name, m in result["methods"].items():
+        steps = (f"{m['metarm/inner_step_norm']:.3g} / {m['metarm/outer_step_norm']:.3g}"
+                 if "metarm/inner_step_norm" in m else "")
         lines.append(f"| {name} | {m['accuracy']:.4f} ± {m['accuracy_std']:.4f} | {m['accuracy_clear']:.4f} | "
-                     f"{m['accuracy_near_tie']:.4f} | {m['seconds']:.1f} |")
-    s = result
-    lines += ["", f"Ensemble strength ({s['settings']['models']} models): bottom {s['settings']['flip_fraction']:.0%} "
-              f"slice precision {s['strength_precision']:.3f}, recall {s['strength_recall']:.3f} "
-              f"(flipped pairs: {s['data']['flipped']} of {s['data']['train_pairs']}; near-ties "
-              f"{s['data']['near_ties']}); mu < 0 on {s['strength_negative_fraction']:.1%} of pairs."]
+                     f"{m['accuracy_near_tie']:.4f} | {m['seconds']:.1f} | {steps} |")
+    s, settings = result, result["settings"]
+    lines += ["", (f"Ensemble strength ({settings['models']} models): `flip` swaps {s['strength_flipped']} pairs "
+                   f"(μ̂ < 0, lowest first, at most {settings['flip_fraction']:.0%}): precision "
+                   f"{s['strength_precision']:.3f}, recall {s['strength_recall']:.3f}; all μ̂ < 0 "
+                   f"({s['strength_negative_fraction']:.1%} of pairs): precision {s['negative_precision']:.3f}, "
+                   f"recall {s['negative_recall']:.3f} (mislabelled pairs: {s['data']['flipped']} of "
+                   f"{s['data']['train_pairs']}; near-ties {s['data']['near_ties']}).")]
     return "\n".join(lines)
 
 
@@ -155,10 +192,14 @@ def train_and_score(job: dict) -> dict:
     config = RewardConfig(**job["common"], **job["options"], seed=job["seed"])
     model = RewardTrainer.load_model(config, job["base"], tokenizer)
     data = pairs(job["rows"], tokenizer)
-    RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer).train()
+    trainer = RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
     rewards = pair_rewards(model, pairs(job["test_rows"], tokenizer), tokenizer.pad_token_id, batch_size=128)
     true = torch.tensor([r["chosen_reward"] - r["rejected_reward"] for r in job["test_rows"]])
-    return accuracies(rewards[:, 0] - rewards[:, 1], true, job["tie_band"]) | {"seconds": time.perf_counter() - start}
+    # the last log (the end of training) averages the metrics recorded since the start (logging_strategy=no)
+    steps = {k: v for k, v in trainer.state.log_history[-1].items() if k.endswith("_step_norm")}
+    return (accuracies(rewards[:, 0] - rewards[:, 1], true, job["tie_band"]) | steps
+            | {"seconds": time.perf_counter() - start})
 
 
 def ensemble_strength(job: dict) -> dict:
@@ -179,8 +220,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--noise", type=float, default=0.25, help="fraction of non-tie training labels flipped")
     parser.add_argument("--tie-band", type=float, default=0.05, help="|ΔR| below this: a near-tie, random label")
     parser.add_argument("--models", type=int, default=10, help="ensemble size M (paper: 10)")
-    parser.add_argument("--flip-fraction", type=float, default=0.2, help="bottom strength slice (paper: 0.1-0.2)")
+    parser.add_argument("--flip-fraction", type=float, default=0.2, help="flip: at most this fraction of the pairs, those with μ̂ < 0, lowest first (paper: 0.1-0.2)")
     parser.add_argument("--ls-alpha", type=float, default=0.1, help="label smoothing α of the `ls` method")
+    parser.add_argument("--soft-alpha", type=float, default=0.5, help="label smoothing α of `soft_margin` (on μ̂ < 0)")
+    parser.add_argument("--meta-prompts", type=int, default=500, help="MetaRM: prompts of the unlabelled meta set")
+    parser.add_argument("--meta-k", type=int, default=4, help="MetaRM: policy samples per meta prompt (k)")
+    parser.add_argument("--meta-batch-size", type=int, default=8, help="MetaRM: meta prompts per step (m)")
+    parser.add_argument("--meta-lr", type=float, help="MetaRM inner step η (default: the trainer's, = --lr)")
     parser.add_argument("--epochs", type=float, default=2.0, help="epochs of every reward model, ensemble included")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -205,21 +251,32 @@ def main(argv: list[str] | None = None) -> dict:
     train_rows, test_rows = (demo.preference_pairs(policy, tokenizer, language.prompts(n, seed=seed), seed=seed)
                              for n, seed in ((args.train_pairs, 1), (args.test_pairs, 10_000)))
     noisy, clean, masks = noisy_labels(train_rows, noise=args.noise, tie_band=args.tie_band, seed=2)
+    meta_path = out / "meta.jsonl"
+    if any(METHODS[name].keys() & {"meta_dataset"} for name in args.methods):
+        groups = meta_groups(policy, tokenizer, language.prompts(args.meta_prompts, seed=20_000), k=args.meta_k,
+                             seed=20_000)
+        meta_path.write_text("".join(json.dumps(g) + "\n" for g in groups))
     del policy
     common = dict(output_dir=str(out / "work"), learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
                   per_device_eval_batch_size=128, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                   num_train_epochs=args.epochs, save_strategy="no", logging_strategy="no", report_to="none",
                   disable_tqdm=True)
 
+    meta = {"meta_batch_size": args.meta_batch_size} | ({} if args.meta_lr is None else {"meta_lr": args.meta_lr})
+
     def job(name: str, seed: int, rows: list[dict]) -> dict:
-        options = {k: (args.flip_fraction if k == "flip_fraction" else args.ls_alpha) if v is None else v
-                   for k, v in METHODS[name].items()}
+        defaults = {"flip_fraction": args.flip_fraction, "meta_dataset": str(meta_path),
+                    "label_smoothing": args.soft_alpha if name == "soft_margin" else args.ls_alpha}
+        options = {k: defaults[k] if v is None else v for k, v in METHODS[name].items()}
+        if "meta_dataset" in options:
+            options |= meta
         return {"base": base, "common": common, "options": options, "seed": seed, "test_rows": test_rows,
                 "rows": clean if name == "clean" else rows, "tie_band": args.tie_band}
 
     # The ensemble runs while the methods that need no strength train; then the ones that do.
     runs = [(seed, name) for seed in args.seeds for name in args.methods]
-    needs_strength = {name for name in args.methods if {"flip_fraction", "adaptive_margin"} & set(METHODS[name])}
+    needs_strength = {name for name in args.methods if {"flip_fraction", "adaptive_margin", "smoothing_slice"}
+                      & set(METHODS[name])}
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("fork")) as pool:
         ensemble_run = pool.submit(ensemble_strength, {"base": base, "common": common, "seed": args.seeds[0],
                                                        "rows": noisy, "models": args.models})
@@ -234,18 +291,21 @@ def main(argv: list[str] | None = None) -> dict:
                     for run in runs if run[1] in needs_strength}
         per_seed = {name: [futures[(seed, name)].result() for seed in args.seeds] for name in args.methods}
     slice_ = flip_mask(strength, args.flip_fraction)
-    found = (slice_ & masks["flipped"]).sum().item()
+    found = precision_recall(slice_, masks["flipped"])
+    negative = precision_recall(strength < 0, masks["flipped"])
 
     methods = {}
     for name, results in per_seed.items():
         acc, acc_std = mean_std([r["accuracy"] for r in results])
         methods[name] = {"accuracy": acc, "accuracy_std": acc_std, "per_seed": [r["accuracy"] for r in results]}
-        methods[name] |= {k: mean_std([r[k] for r in results])[0]
-                          for k in ("accuracy_clear", "accuracy_near_tie", "seconds")}
+        methods[name] |= {k: mean_std([r[k] for r in results])[0] for k in results[0] if k != "accuracy"}
     result = {
         "methods": methods,
-        "strength_precision": found / max(int(slice_.sum()), 1),
-        "strength_recall": found / max(int(masks["flipped"].sum()), 1),
+        "strength_flipped": int(slice_.sum()),
+        "strength_precision": found[0],
+        "strength_recall": found[1],
+        "negative_precision": negative[0],
+        "negative_recall": negative[1],
         "strength_negative_fraction": (strength < 0).float().mean().item(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "out", "workers")},
         "data": {"train_pairs": len(noisy), "flipped": int(masks["flipped"].sum()),

@@ -132,24 +132,43 @@ def test_preference_strength_uses_population_std():
     assert (same == 0).all()
 
 
+def test_flip_mask_flips_only_pairs_the_ensemble_disagrees_with():
+    """§2.4.1: the lowest pairs with μ̂ < 0, at most round(fraction·N); a pair with μ̂ ≥ 0 never flips."""
+    strength = torch.tensor([-3.0, 2.0, -1.0, 0.5, 1.0, -0.2, 4.0, 0.0])
+    by_fraction = {
+        0.25: [True, False, True, False, False, False, False, False],  # 2 of the 3 negative pairs
+        0.5: [True, False, True, False, False, True, False, False],  # capped at the 3 negative pairs
+        1.0: [True, False, True, False, False, True, False, False],
+        0.0: [False] * 8,
+    }
+    for fraction, expected in by_fraction.items():
+        assert flip_mask(strength, fraction).tolist() == expected, fraction
+    assert not flip_mask(torch.tensor([0.0, 0.3, 2.0]), 1.0).any()  # μ̂ = 0 is no disagreement
+    # another threshold: the candidates are μ̂ < 0.5
+    assert flip_mask(strength, 0.5, threshold=0.5).tolist() == [True, False, True, False, False, True, False, True]
+
+
 def test_flip_mask_selects_exactly_the_lowest_pairs():
     strength = randn(100, seed=12) * 5
-    for fraction in (0.0, 0.1, 0.2, 0.37, 1.0):
-        mask = flip_mask(strength, fraction)
-        n = round(fraction * 100)
-        assert mask.dtype == torch.bool and int(mask.sum()) == n
-        if 0 < n < 100:
-            assert strength[mask].max() < strength[~mask].min()
+    negative = int((strength < 0).sum())
+    assert 30 < negative < 70
+    for fraction in (0.0, 0.1, 0.2, 0.37, 0.6, 1.0):
+        for threshold, n in ((None, round(fraction * 100)), (0.0, min(round(fraction * 100), negative))):
+            mask = flip_mask(strength, fraction, threshold=threshold)
+            assert mask.dtype == torch.bool and int(mask.sum()) == n
+            if 0 < n < 100:
+                assert strength[mask].max() < strength[~mask].min()
 
 
 def test_flip_mask_breaks_ties_by_index():
-    strength = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 0.0])
-    torch.testing.assert_close(
-        flip_mask(strength, 0.5), torch.tensor([False, True, True, True, False, False])
-    )
-    torch.testing.assert_close(
-        flip_mask(strength, 2 / 6), torch.tensor([False, True, True, False, False, False])
-    )
+    for strength, threshold in ((torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 0.0]), None),
+                                (torch.tensor([1.0, -1.0, -1.0, -1.0, 2.0, -1.0]), 0.0)):
+        torch.testing.assert_close(
+            flip_mask(strength, 0.5, threshold=threshold), torch.tensor([False, True, True, True, False, False])
+        )
+        torch.testing.assert_close(
+            flip_mask(strength, 2 / 6, threshold=threshold), torch.tensor([False, True, True, False, False, False])
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from transformers import TrainerCallback
 
 from align import api
 from align.data import DataError, build_dataset
@@ -151,9 +152,10 @@ def test_flipping_swaps_exactly_the_selected_pairs_in_a_batch(tmp_path, tiny_lm_
     strengths = [0.7, -3.0, 2.0, -0.5, 1.5, -1.0, 0.1, 3.0, 0.05, -0.2]
     rows = pair_rows(10, strengths=strengths)
     plain = make_trainer(tmp_path, tiny_lm_dir, rows)
-    flipping = make_trainer(tmp_path, tiny_lm_dir, rows, flip_fraction=0.3)
-    expected = flip_mask(torch.tensor(strengths), 0.3)
-    assert expected.tolist() == [s in (-3.0, -1.0, -0.5) for s in strengths]
+    # half of the pairs may flip, but only the four the ensemble disagrees with (μ̂ < 0) do (§2.4.1)
+    flipping = make_trainer(tmp_path, tiny_lm_dir, rows, flip_fraction=0.5)
+    expected = flip_mask(torch.tensor(strengths), 0.5)
+    assert expected.tolist() == [s < 0 for s in strengths]
     assert torch.equal(flipping.flipped, expected)
     before, after = full_batch(plain), full_batch(flipping)
     n_pos = before["input_ids"].shape[1]
@@ -236,12 +238,12 @@ def test_metrics_accuracy_margin_and_strength_buckets(tmp_path, tiny_lm_dir):
 # MetaRM (§3.2, Alg. 1)
 
 
-def _meta_trainer(tmp_path, base, meta_lr):
+def _meta_trainer(tmp_path, base, **meta_options):
     meta = tmp_path / "meta.jsonl"
     groups = [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"], r["prompt"]]}
               for r in pair_rows(6, seed=5)]  # k = 3 unlabelled responses per prompt
     meta.write_text("\n".join(json.dumps(g) for g in groups))
-    return make_trainer(tmp_path, base, pair_rows(8), meta_dataset=str(meta), meta_lr=meta_lr, meta_batch_size=3)
+    return make_trainer(tmp_path, base, pair_rows(8), meta_dataset=str(meta), meta_batch_size=3, **meta_options)
 
 
 def _grads(trainer, batch):
@@ -255,35 +257,93 @@ def _grads(trainer, batch):
     return [p.grad.clone() for p in params]
 
 
+def _relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return (sum(((x - y) ** 2).sum() for x, y in zip(a, b)) / sum((y**2).sum() for y in b)).sqrt().item()
+
+
 def test_metarm_with_zero_inner_step_is_the_vanilla_gradient(tmp_path, tiny_lm_dir):
-    trainer = _meta_trainer(tmp_path, tiny_lm_dir, meta_lr=0.0)
-    batch = full_batch(trainer)
+    for normalize in (True, False):
+        trainer = _meta_trainer(tmp_path, tiny_lm_dir, meta_lr=0.0, meta_normalize=normalize)
+        batch = full_batch(trainer)
+        meta_grads = _grads(trainer, batch)
+        trainer.meta_batches = None
+        vanilla = _grads(trainer, batch)
+        assert all(torch.equal(a, b) for a, b in zip(meta_grads, vanilla))
+
+
+def test_metarm_with_defaults_moves_the_gradient_away_from_bradley_terry(tmp_path, tiny_lm_dir):
+    """With the defaults the inner step is about an AdamW step of the learning rate (RMS η per parameter,
+    η = lr·√((1-β₁)/(1+β₁))), so ∇L(θ') differs measurably from the vanilla ∇L(θ); a plain SGD step
+    η∇J with η = lr (the old default) left MetaRM equal to Bradley-Terry."""
+    trainer = _meta_trainer(tmp_path, tiny_lm_dir)
+    eta = 5e-3 * (0.1 / 1.9) ** 0.5  # β₁ = 0.9
+    assert trainer.args.meta_normalize and trainer.meta_lr == pytest.approx(eta)
+    batch, meta = full_batch(trainer), next(trainer.meta_batches)
+    trainer.meta_batches = iter([meta, meta])
     meta_grads = _grads(trainer, batch)
+    n = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert logged["metarm/inner_step_norm"] == pytest.approx(eta * n**0.5, rel=1e-4)
+    trainer.args.meta_normalize, trainer.meta_lr = False, trainer.args.learning_rate  # the old default
+    sgd_grads = _grads(trainer, batch)
     trainer.meta_batches = None
     vanilla = _grads(trainer, batch)
-    assert all(torch.equal(a, b) for a, b in zip(meta_grads, vanilla))
+    assert _relative_difference(meta_grads, vanilla) > 0.05
+    assert _relative_difference(sgd_grads, vanilla) < 0.01
 
 
-def test_metarm_takes_the_bradley_terry_gradient_at_the_ascended_parameters(tmp_path, tiny_lm_dir):
-    trainer = _meta_trainer(tmp_path, tiny_lm_dir, meta_lr=0.5)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_metarm_takes_the_bradley_terry_gradient_at_the_ascended_parameters(tmp_path, tiny_lm_dir, normalize):
+    trainer = _meta_trainer(tmp_path, tiny_lm_dir, meta_lr=0.05 if normalize else 0.5, meta_normalize=normalize)
     batch, meta = full_batch(trainer), next(trainer.meta_batches)
     trainer.meta_batches = iter([meta])
     got = _grads(trainer, batch)
-    # by hand: θ' = θ + η ∇J(X_s), then ∇L(θ')
+    # by hand: θ' = θ + η ∇J(X_s) (normalised: θ + η√n ∇J/‖∇J‖), then ∇L(θ')
     model = trainer.model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     rewards, _ = reward_forward(model, meta["input_ids"], meta["attention_mask"])
     J = metarm_difference(rewards.view(-1, 3)).mean()
-    grads_J = torch.autograd.grad(J, params, allow_unused=True)
+    grads_J = [torch.zeros_like(p) if g is None else g
+               for p, g in zip(params, torch.autograd.grad(J, params, allow_unused=True))]
+    assert any(g.abs().sum() > 0 for g in grads_J)
+    norm = torch.cat([g.flatten() for g in grads_J]).norm()
+    n = sum(p.numel() for p in params)
+    step = 0.05 * n**0.5 / norm if normalize else 0.5
     with torch.no_grad():
         for p, g in zip(params, grads_J):
-            if g is not None:
-                p.add_(g, alpha=0.5)
+            p.add_(step * g)
     r = hf_rewards(model, batch)
     expected = torch.autograd.grad(bradley_terry_loss(r[:, 0], r[:, 1]).mean(), params)
-    assert any(g is not None and g.abs().sum() > 0 for g in grads_J)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert logged["metarm/inner_step_norm"] == pytest.approx(float(step * norm), rel=1e-4)
+
+
+def test_metarm_logs_the_outer_step_beside_the_inner_step(tmp_path, tiny_lm_dir):
+    """A short run: ‖θ_t - θ_{t-1}‖ of each optimizer step is logged at the next step, beside ‖θ' - θ‖,
+    whose η follows the learning-rate schedule."""
+    trainer = _meta_trainer(tmp_path, tiny_lm_dir, max_steps=3, logging_strategy="steps", logging_steps=1)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    snapshots = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append([p.detach().clone() for p in params])
+
+    trainer.add_callback(Snapshot())
+    initial = [p.detach().clone() for p in params]
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "metarm/inner_step_norm" in h]
+    assert len(logs) == 3 and "metarm/outer_step_norm" not in logs[0]
+    thetas = [initial] + snapshots
+    for step in (1, 2):  # logged at step t + 1: the step from θ_{t-1} to θ_t
+        expected = RewardTrainer.parameter_distance(thetas[step], thetas[step - 1])
+        assert logs[step]["metarm/outer_step_norm"] == pytest.approx(expected, rel=1e-4)
+    # RMS η per parameter, η on the learning rate's linear schedule: η₀ · (1, 2/3, 1/3)
+    n = sum(p.numel() for p in params)
+    for step, h in enumerate(logs):
+        assert h["metarm/inner_step_norm"] == pytest.approx(trainer.meta_lr * (1 - step / 3) * n**0.5, rel=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,7 +398,8 @@ def test_strength_command_writes_a_dataset_the_trainer_reads(tmp_path, tiny_lm_d
     assert summary["negative_fraction"] == pytest.approx(sum(r["strength_mean"] < 0 for r in written) / 12)
     trainer = api.build_trainer(api.load_config(str(config), {"dataset": str(out), "flip_fraction": 0.25}))
     mu = torch.tensor([r["strength_mean"] for r in written])
-    assert torch.equal(trainer.flipped, flip_mask(mu, 0.25)) and int(trainer.flipped.sum()) == 3
+    assert torch.equal(trainer.flipped, flip_mask(mu, 0.25)) and int(trainer.flipped.sum()) == min(3, int((mu < 0).sum()))
+    assert (mu[trainer.flipped] < 0).all()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -47,14 +47,23 @@ def test_accuracies_leave_out_true_ties():
 def test_small_run_writes_table_json_and_plot(tmp_path, tiny_lm_dir):
     out = tmp_path / "out"
     result = rm_noise.main(["--base", str(tiny_lm_dir), "--train-pairs", "48", "--test-pairs", "24", "--models", "2",
-                            "--epochs", "1", "--seeds", "0", "--methods", "bt", "flip", "--flip-fraction", "0.25",
-                            "--workers", "2", "--out", str(out), "--json", str(tmp_path / "r.json")])
+                            "--epochs", "1", "--seeds", "0", "--methods", "bt", "flip", "metarm", "--flip-fraction",
+                            "0.25", "--meta-prompts", "8", "--meta-k", "3", "--meta-batch-size", "2", "--workers", "2",
+                            "--out", str(out), "--json", str(tmp_path / "r.json")])
     written = json.loads((tmp_path / "r.json").read_text())
-    assert set(written["methods"]) == {"bt", "flip"}
+    assert set(written["methods"]) == {"bt", "flip", "metarm"}
     assert all(0 <= m["accuracy"] <= 1 for m in written["methods"].values())
-    # precision·|slice| = recall·|flipped| = the flipped pairs found in the bottom slice
-    found_p = written["strength_precision"] * round(0.25 * written["data"]["train_pairs"])
-    found_r = written["strength_recall"] * written["data"]["flipped"]
-    assert found_p == pytest.approx(found_r) and found_p == pytest.approx(round(found_p))
+    # flip swaps only pairs with μ̂ < 0, at most a quarter of them
+    n_pairs, negative = written["data"]["train_pairs"], written["strength_negative_fraction"]
+    assert written["strength_flipped"] == min(round(0.25 * n_pairs), round(negative * n_pairs))
+    # precision·|selected| = recall·|mislabelled| = the mislabelled pairs found, for both selections
+    for selected, prefix in ((written["strength_flipped"], "strength"), (round(negative * n_pairs), "negative")):
+        found_p = written[f"{prefix}_precision"] * selected
+        found_r = written[f"{prefix}_recall"] * written["data"]["flipped"]
+        assert found_p == pytest.approx(found_r) and found_p == pytest.approx(round(found_p))
+    # MetaRM's inner step is the size of an AdamW step of the learning rate: RMS lr per parameter
+    metarm = written["methods"]["metarm"]
+    assert metarm["metarm/inner_step_norm"] > 0 and metarm["metarm/outer_step_norm"] > 0
+    assert "metarm/inner_step_norm" not in written["methods"]["bt"]
     assert written["methods"] == json.loads(json.dumps(result["methods"]))
     assert "| bt |" in (out / "rm_noise.md").read_text() and (out / "rm_noise.png").stat().st_size > 0

@@ -2,8 +2,8 @@
 (Wang et al. 2024, arXiv 2401.06080).
 
 Pure functions of tensors. Losses are per example (callers choose the reduction); the MetaRM
-difference J is per prompt and is *maximised*. Notation and equation numbers follow
-``shared/papers/reward_modeling_and_contrastive_search.md`` Part A.
+difference J is per prompt and is *maximised*. Notation, section and equation numbers are the
+paper's.
 """
 
 from __future__ import annotations
@@ -70,18 +70,28 @@ def preference_strength(reward_diffs: torch.Tensor) -> tuple[torch.Tensor, torch
     return reward_diffs.mean(dim=0), reward_diffs.std(dim=0, correction=0)
 
 
-def flip_mask(strength_mean: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Boolean (N,) mask of the ``round(fraction·N)`` pairs with the lowest mean strength (§2.4.1).
+def flip_mask(
+    strength_mean: torch.Tensor, fraction: float, *, threshold: float | None = 0.0
+) -> torch.Tensor:
+    """Boolean (N,) mask of the pairs whose chosen and rejected responses are swapped (§2.4.1).
 
-    These are the likely mislabelled pairs whose chosen and rejected responses are swapped (the
-    paper flips the bottom 10-20%). ``round`` is Python's (halves go to the even count); ties in
-    strength are broken by index (a stable sort), so the mask is deterministic.
+    The paper flips the pairs the ensemble disagrees with, "the bottom 20%" (§2.4.1; "the lowest
+    10%" in App. C.2): the candidates are the pairs with mean strength μ̂ < ``threshold`` (Eq. 4;
+    0 by default, i.e. the ensemble prefers the labelled rejected response), and the lowest of them
+    are taken, at most ``round(fraction·N)`` pairs. A pair the ensemble agrees with (μ̂ ≥ 0) is never
+    flipped, however low it ranks. ``threshold=None`` drops the condition: exactly the
+    ``round(fraction·N)`` lowest pairs, whatever their sign.
+
+    ``round`` is Python's (halves go to the even count); ties in strength are broken by index (a
+    stable sort), so the mask is deterministic.
     """
     if strength_mean.dim() != 1:
         raise ValueError(f"flip_mask: expected (N,) strengths, got {tuple(strength_mean.shape)}")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"flip_mask: fraction must lie in [0, 1], got {fraction}")
     n_flip = round(fraction * strength_mean.numel())
+    if threshold is not None:
+        n_flip = min(n_flip, int((strength_mean < threshold).sum()))
     order = torch.sort(strength_mean, stable=True).indices
     mask = torch.zeros_like(strength_mean, dtype=torch.bool)
     mask[order[:n_flip]] = True

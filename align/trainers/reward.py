@@ -4,15 +4,16 @@ al. 2024, arXiv 2401.06080), and the ensemble that measures preference strength.
 A reward model is a sequence-classification model with one output (``align.rewards.model``) and a LoRA
 adapter; the newly initialised score head is trained and saved with it (peft ``modules_to_save``). It is
 trained with Bradley-Terry on the concatenated (chosen, rejected) batch, with the paper's options.
-Formulas, typos and unspecified values: ``shared/papers/reward_modeling_and_contrastive_search.md``
-Part A. Where the paper is silent, align chooses (and says so at the option):
+Formulas and section/equation numbers are the paper's (its typos are named where they matter). Where
+the paper is silent, align chooses (and says so at the option):
 
 * adaptive margin (Eq. 6, inside σ as in Llama 2; the printed equation puts it outside, a typo):
   ``m = margin_scale · max(μ̂, 0)``; a flipped pair has μ̂ negated first, so its margin is ``|μ̂|``.
 * label smoothing (Eq. 5): α is not given; the slice is all pairs, the strongest fraction (§2.4, Fig. 6)
   or the pairs with μ̂ < 0 (the "Soft Label + Margin" method of §2.5).
-* flipping (§2.4.1): the ``flip_fraction`` lowest-strength pairs of the *training set* are swapped
-  once, before training (the paper flips the bottom 10-20%).
+* flipping (§2.4.1): the pairs of the *training set* the ensemble disagrees with (μ̂ < 0) are swapped
+  once, before training, the lowest first, at most a ``flip_fraction`` of all pairs (the paper flips
+  the bottom 10-20%, the pairs with μ̂ < 0).
 * contrastive views (§3.1): the paper's augmentation is dropout 0.05, the same input passed twice.
   Decoder LLMs mostly have no dropout and a fresh LoRA adapter is zero (LoRA dropout changes nothing at
   step 0), so the views come from dropout p = ``contrastive_dropout`` on the token embeddings, over the
@@ -20,9 +21,18 @@ Part A. Where the paper is silent, align chooses (and says so at the option):
   head. The Bradley-Terry loss is averaged over the two views (L_rm "on all original samples and their
   augmentations"); SimCSE's τ is not given (default 0.05), β = 1 (App. B.2).
 * MetaRM (§3.2, Alg. 1): η, α, m and k are not given (the paper's RM learning rate is 5e-6). The outer
-  step α is the optimizer's ``learning_rate``; the inner SGD ascent step η = ``meta_lr`` defaults to
-  the same value; m = ``meta_batch_size`` prompts per step; k = the responses per prompt in
-  ``meta_dataset``.
+  step α is the optimizer's ``learning_rate``. Alg. 1 writes both steps as SGD; align's outer step is
+  AdamW, which moves every parameter by about α whatever the gradient's size, while an SGD inner step
+  η∇J moves θ by η‖∇J‖, orders of magnitude less at η = α (the meta term vanished: MetaRM was BT).
+  So the inner ascent is normalised by default (``meta_normalize``): ``θ' = θ + η·√n·∇J/‖∇J‖`` over
+  the n trainable parameters, a step of root-mean-square η per parameter (η = α would be a full AdamW
+  step, every parameter moving by α). η = ``meta_lr`` follows the learning-rate schedule as α does; its
+  default is the RMS of an AdamW step once the gradient is mostly noise, ``α·√((1-β₁)/(1+β₁))`` (the
+  momentum of i.i.d. gradients has variance (1-β₁)/(1+β₁) of theirs), ≈ α/4 at β₁ = 0.9, so that
+  ‖θ' − θ‖ is about the outer step (both are logged: ``metarm/inner_step_norm``,
+  ``metarm/outer_step_norm``; a full AdamW step, η = α, was 3-6 times the outer step and cost accuracy
+  in ``scripts/rm_noise.py``). ``meta_normalize=false`` is Alg. 1 as printed (θ + η∇J). m =
+  ``meta_batch_size`` prompts per step; k = the responses per prompt in ``meta_dataset``.
 """
 
 from __future__ import annotations
@@ -62,7 +72,7 @@ class RewardConfig(AlignConfig):
     """Defaults: vanilla Bradley-Terry (the official MOSS-RLHF loss, with log σ instead of log(σ + 1e-5))."""
 
     # --- denoising with the ensemble preference strength μ̂ (§2.4; data from `align rm strength`) ---
-    flip_fraction: float = field(default=0.0, metadata={"help": "Swap chosen/rejected of this fraction of training pairs with the lowest strength_mean (paper: 0.1-0.2)."})
+    flip_fraction: float = field(default=0.0, metadata={"help": "Swap chosen/rejected of the pairs with strength_mean < 0, the lowest first, at most this fraction of all training pairs (paper: 0.1-0.2)."})
     adaptive_margin: bool = field(default=False, metadata={"help": "Bradley-Terry with margin margin_scale*max(strength_mean, 0) inside the sigmoid (Eq. 6)."})
     margin_scale: float = field(default=1.0, metadata={"help": "Scale of the adaptive margin (not given in the paper)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing alpha of Eq. 5 (not given in the paper); 0 = off."})
@@ -76,7 +86,8 @@ class RewardConfig(AlignConfig):
     contrastive_dropout: float = field(default=0.05, metadata={"help": "Dropout on the token embeddings that makes the two views (paper: dropout 0.05)."})
     # --- MetaRM (§3.2) -----------------------------------------------------------------------
     meta_dataset: str | None = field(default=None, metadata={"help": "Unlabelled responses of the shifted policy: groups (prompt + completions) or pairs. Enables MetaRM."})
-    meta_lr: float | None = field(default=None, metadata={"help": "MetaRM inner SGD step eta: theta' = theta + eta*grad J (not given in the paper); None = learning_rate."})
+    meta_lr: float | None = field(default=None, metadata={"help": "MetaRM inner ascent step eta at the peak of the learning-rate schedule, which it follows (not given in the paper); None = learning_rate*sqrt((1-adam_beta1)/(1+adam_beta1)), the RMS of an AdamW step on noisy gradients. With meta_normalize: root-mean-square change per trainable parameter."})
+    meta_normalize: bool = field(default=True, metadata={"help": "MetaRM inner step theta' = theta + eta*sqrt(n)*grad J/|grad J| over the n trainable parameters; false: plain SGD theta + eta*grad J (Alg. 1 as printed)."})
     meta_batch_size: int = field(default=4, metadata={"help": "MetaRM prompts per step (m; not given in the paper)."})
     # --- saving ------------------------------------------------------------------------------
     reward_stats_pairs: int = field(default=2048, metadata={"help": "Training pairs scored at the end for the saved reward mean/std (normalisation)."})
@@ -182,7 +193,7 @@ class RewardTrainer(AlignTrainer):
                 examples = [flip_pair(ex) if f else ex for ex, f in zip(examples, self.flipped.tolist())]
                 strength = torch.where(self.flipped, -strength, strength)
                 train_dataset = ExampleDataset(examples, getattr(train_dataset, "stats", None))
-            top = flip_mask(-strength, args.smoothing_fraction)  # the strongest slice
+            top = flip_mask(-strength, args.smoothing_fraction, threshold=None)  # the strongest slice
             if top.any():
                 self.strongest_threshold = float(strength[top].min())
             if args.strength_buckets > 1:
@@ -195,7 +206,10 @@ class RewardTrainer(AlignTrainer):
             self.model.get_input_embeddings().register_forward_hook(
                 lambda module, inputs, output: F.dropout(output, p, module.training))
         self.meta_batches = self._meta_batches() if args.meta_dataset else None
-        self.meta_lr = args.learning_rate if args.meta_lr is None else args.meta_lr
+        self.meta_lr = args.meta_lr
+        if self.meta_lr is None:  # the RMS of an AdamW step on noisy gradients (module docstring)
+            self.meta_lr = args.learning_rate * ((1 - args.adam_beta1) / (1 + args.adam_beta1)) ** 0.5
+        self.meta_previous_theta = None  # (global step, θ) of the last MetaRM step: the outer step's size
 
     # --- the model -----------------------------------------------------------------------------
     @classmethod
@@ -269,31 +283,53 @@ class RewardTrainer(AlignTrainer):
                 yield collate([data[i] for i in index.tolist()])
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """With MetaRM: θ' = θ + η ∇J(X_s) (ascent on the difference of shifted-policy responses, Eq. 11),
-        then the Bradley-Terry gradient at θ' (the usual step accumulates it), then θ is restored, so the
-        optimizer applies ∇L(θ') to θ: the first-order update of Alg. 1."""
+        """With MetaRM: θ' = θ + η ∇J(X_s) (ascent on the difference of shifted-policy responses, Eq. 11;
+        normalised to a step of RMS η per parameter unless ``meta_normalize`` is off; η follows the
+        learning-rate schedule), then the Bradley-Terry gradient at θ' (the usual step accumulates it),
+        then θ is restored, so the optimizer applies ∇L(θ') to θ: the first-order update of Alg. 1. Logs
+        ‖θ' − θ‖ and the size ‖θ_t − θ_{t-1}‖ of the previous optimizer step."""
         if self.meta_batches is None:
             return super().training_step(model, inputs, num_items_in_batch)
         params = [p for p in model.parameters() if p.requires_grad]
         theta = [p.detach().clone() for p in params]  # restored exactly (θ + ηg - ηg is not θ in floats)
+        metrics = {}
+        step = self.state.global_step
+        if self.meta_previous_theta is not None and self.meta_previous_theta[0] != step:
+            metrics["metarm/outer_step_norm"] = self.parameter_distance(theta, self.meta_previous_theta[1])
+        self.meta_previous_theta = (step, theta)
         batch = next(self.meta_batches)
         model.train()
         with self.compute_loss_context_manager():
             rewards, _ = reward_forward(self.accelerator.unwrap_model(model), batch["input_ids"].to(self.args.device),
                                         batch["attention_mask"].to(self.args.device))
         difference = metarm_difference(rewards.view(-1, batch["group_size"])).mean()
-        grads = torch.autograd.grad(difference, params, allow_unused=True)
+        grads = [(p, g) for p, g in zip(params, torch.autograd.grad(difference, params, allow_unused=True))
+                 if g is not None]
+        # η follows the schedule as the outer step does (no scheduler outside the training loop: the peak)
+        scheduler = getattr(self, "lr_scheduler", None)
+        scheduled = scheduler.get_last_lr()[0] / self.args.learning_rate if scheduler is not None else 1.0
+        scale = self.meta_lr * scheduled
+        if self.args.meta_normalize:
+            grad_norm = sum(float(g.float().square().sum()) for _, g in grads) ** 0.5
+            n = sum(p.numel() for p in params)
+            scale = scale * n**0.5 / grad_norm if grad_norm > 0 else 0.0
         with torch.no_grad():
-            for p, g in zip(params, grads):
-                if g is not None:
-                    p.add_(g, alpha=self.meta_lr)
-        self._record({"metarm/difference": difference.detach()})
+            for p, g in grads:
+                p.add_(g, alpha=scale)
+        metrics |= {"metarm/difference": difference.detach(),
+                    "metarm/inner_step_norm": self.parameter_distance([p.detach() for p in params], theta)}
+        self._record(metrics)
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         finally:
             with torch.no_grad():
                 for p, saved in zip(params, theta):
                     p.copy_(saved)
+
+    @staticmethod
+    def parameter_distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        """Euclidean distance between two lists of tensors taken as one vector (float32 sums)."""
+        return sum(float((x.float() - y.float()).square().sum()) for x, y in zip(a, b)) ** 0.5
 
     # --- saving and evaluation ----------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
