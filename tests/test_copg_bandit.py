@@ -1,4 +1,4 @@
-"""The CoPG toy bandit (notes cpl_copg_dpo_ipo.md §3.5) reproduced with align's losses.
+"""The CoPG toy bandit (Flet-Berliac et al. 2024, §5.1) reproduced with align's losses.
 
 The paper trains 100 epochs of mini-batches (batch 512, Adam lr 1e-3: 2000 steps, too slow for a
 unit test). Here each method is instead optimised full-batch on the same 10^4 sampled pairs (Adam

@@ -1,4 +1,4 @@
-"""rep-n, diversity and isotropy against hand-computed values (notes B3, B4, B10.7-8)."""
+"""rep-n, diversity and isotropy against hand-computed values (Su et al. 2022 §5.1; Su & Collier 2023)."""
 
 from __future__ import annotations
 

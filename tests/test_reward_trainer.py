@@ -1,5 +1,5 @@
-"""RewardTrainer, the preference-strength ensemble and reward-model scoring (Secrets of RLHF II; notes
-reward_modeling_and_contrastive_search.md Part A). The loss formulas themselves are tested in
+"""RewardTrainer, the preference-strength ensemble and reward-model scoring (Secrets of RLHF in Large
+Language Models Part II, Wang et al. 2024). The loss formulas themselves are tested in
 test_reward_objectives.py; here: the trainer applies them to the right pairs and features."""
 
 import json

@@ -1,12 +1,13 @@
 """Degeneration metrics of open-ended generation: rep-n, diversity (SimCTG) and isotropy (Su & Collier, TMLR 2023).
 
-Definitions follow ``shared/papers/reward_modeling_and_contrastive_search.md`` B3 and B4:
+Definitions follow SimCTG (Su et al. 2022, "A Contrastive Framework for Neural Text Generation", §5.1 and the
+isotropy of §2/Eq. 1 in Su & Collier 2023) and its evaluation code:
 
 * rep-n and diversity are pooled over the corpus: the per-text counts of unique and of all n-grams are summed first,
   so a long text weighs more than a short one (SimCTG ``simctg/evaluation.py::measure_repetition_and_diversity``).
 * Texts are split on whitespace.
 * SimCTG's loop ``while end_idx < len(tokens)`` drops the last n-gram: a text of L tokens yields L - n n-grams, not
-  L - n + 1. That count is the default (``simctg_count=True``) because the published numbers (notes B5) were
+  L - n + 1. That count is the default (``simctg_count=True``) because the published numbers (Su et al. 2022, Table 1) were
   computed with it; ``simctg_count=False`` counts all L - n + 1 n-grams.
 * rep-n is in percent, as SimCTG reports it: ``100·(1 - Σ unique / Σ total)``. Diversity is a fraction in [0, 1],
   ``Π_{n=2..4} (1 - rep-n/100)``; the TMLR tables print it ×100. Unlike SimCTG, rep-n is not rounded to two decimals
@@ -28,7 +29,7 @@ def _ngram_counts(text: str, n: int, simctg_count: bool) -> tuple[int, int]:
 
 
 def rep_n(texts: Sequence[str], n: int, *, simctg_count: bool = True) -> float:
-    """Corpus-level rep-n in percent: ``100·(1 - Σ_texts |unique n-grams| / Σ_texts |n-grams|)`` (notes B4).
+    """Corpus-level rep-n in percent: ``100·(1 - Σ_texts |unique n-grams| / Σ_texts |n-grams|)`` (Su et al. 2022, §5.1).
 
     Unique n-grams are counted within each text. ``simctg_count`` keeps SimCTG's L - n n-grams per text (see module
     docstring). Raises ValueError when no text is long enough to hold an n-gram.
@@ -43,7 +44,7 @@ def rep_n(texts: Sequence[str], n: int, *, simctg_count: bool = True) -> float:
 
 
 def diversity(texts: Sequence[str], *, simctg_count: bool = True) -> float:
-    """``Π_{n=2,3,4} (1 - rep-n/100)`` in [0, 1]; 1 when no n-gram repeats (notes B4)."""
+    """``Π_{n=2,3,4} (1 - rep-n/100)`` in [0, 1]; 1 when no n-gram repeats (Su et al. 2022, §5.1)."""
     result = 1.0
     for n in (2, 3, 4):
         result *= 1.0 - rep_n(texts, n, simctg_count=simctg_count) / 100.0
@@ -51,7 +52,7 @@ def diversity(texts: Sequence[str], *, simctg_count: bool = True) -> float:
 
 
 def isotropy(hidden_states_list: Sequence[torch.Tensor]) -> float:
-    """``1 - Σ_seqs Σ_{i≠j} cos(h_i, h_j) / Σ_seqs n(n-1)`` (notes B3), in [0, 2].
+    """``1 - Σ_seqs Σ_{i≠j} cos(h_i, h_j) / Σ_seqs n(n-1)`` (Su & Collier 2023, Eq. 1 averaged over sequences), in [0, 2].
 
     Args:
         hidden_states_list: one ``(n_i, E)`` tensor per sequence: the model's last-layer hidden states

@@ -2,7 +2,7 @@
 
 A reward model is a Hugging Face sequence-classification model with one output: the reward of
 ``prompt + completion`` is the head's score at the last real (non-padding) token, as in the official
-MOSS-RLHF code (notes Part A0). A saved reward-model directory holds either a LoRA adapter (with the
+MOSS-RLHF code (Secrets of RLHF Part II, Wang et al. 2024). A saved reward-model directory holds either a LoRA adapter (with the
 trained score head, peft ``modules_to_save``) over a base model, or full weights, plus
 ``reward_model.json`` (the tokenization limits and the reward mean/std on the training data).
 
