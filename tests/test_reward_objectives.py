@@ -1,5 +1,6 @@
-"""Reward-model objectives of Secrets of RLHF II (notes: reward_modeling_and_contrastive_search.md,
-Part A, A8)."""
+"""Reward-model objectives of "Secrets of RLHF in Large Language Models Part II: Reward Modeling" (Wang et al.
+2024): preference strength (Eq. 4), label smoothing (Eq. 5), adaptive margin (Eq. 6), flipping (§2.4.1),
+SimCSE (Eq. 9) and MetaRM (§3.2)."""
 
 import itertools
 import math

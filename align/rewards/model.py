@@ -54,7 +54,7 @@ def load_reward_backbone(name_or_path: str, *, pad_token_id: int, dtype: str = "
 def reward_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                    features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rewards (N,) of right-padded rows, and with ``features`` the hidden states (N, D) that feed the
-    head at the same positions (the representations of the contrastive loss, notes A3).
+    head at the same positions (the representations of the contrastive loss, Wang et al. 2024 §3.1).
 
     The head's input and output are read with a forward hook: HF pools at the last token that is not
     the pad id, which is wrong when pad == EOS (the completion's EOS would be skipped).
