@@ -199,6 +199,9 @@ class _LocalEngine:
             distributed_executor_backend="external_launcher" if self.in_process else "mp",
             # log-probs after temperature/top-k/top-p, as Completions documents
             logprobs_mode="processed_logprobs",
+            # vLLM's own defaults, not the checkpoint's generation_config.json (repetition penalty, top-k, ...):
+            # samples come from π itself, as with the HF sampler
+            generation_config="vllm",
             enable_lora=self.lora, max_lora_rank=max_lora_rank or 16, max_loras=1,
             # CPU: eager skips tens of seconds of inductor compilation at start-up
             enforce_eager=cpu if enforce_eager is None else enforce_eager,

@@ -204,6 +204,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, *, dtype: 
             "--host", host, "--port", str(port), "--dtype", dtype, "--seed", str(seed),
             "--tensor-parallel-size", str(tensor_parallel_size),
             "--gpu-memory-utilization", str(gpu_memory_utilization), "--logprobs-mode", "processed_logprobs",
+            "--generation-config", "vllm",  # not the checkpoint's sampling defaults: samples come from π itself
             "--middleware", f"{AlignServerMiddleware.__module__}.{AlignServerMiddleware.__name__}"]
     if max_model_len is not None:
         args += ["--max-model-len", str(max_model_len)]
