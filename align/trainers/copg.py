@@ -34,9 +34,9 @@ class CoPGTrainer(PolicyTrainer):
         return True
 
     def objective(self, logps: LogProbs, ref_logps: torch.Tensor, batch: dict):
-        rewards, beta = batch["scores"], self.args.beta
-        losses = copg_loss(logps.sequence, ref_logps, rewards, beta=beta)
-        regularised = rewards - beta * (logps.sequence - ref_logps).detach()  # R^π_β: equal across a group at the optimum
+        rewards = batch["scores"]
+        # R^π_β, the regularised reward, is equal across a group at CoPG's optimum
+        losses, regularised = copg_loss(logps.sequence, ref_logps, rewards, beta=self.args.beta, return_rewards=True)
         metrics = {"reward/mean": rewards.mean(), "reward/std": rewards.std(unbiased=False),
                    "copg/reg_reward_gap": (regularised.max(1).values - regularised.min(1).values).mean()}
         return losses, metrics | self.log_ratio_metrics(logps, ref_logps)

@@ -96,16 +96,18 @@ class CPLTrainer(PolicyTrainer):
         seq = logps.sequence
         scores = batch.get("scores")
         if scores is not None:
-            losses = cpl_ranked_loss(seq, scores, alpha=a.alpha, lam=a.lam, ref_logps=ref_logps)
+            losses, implicit = cpl_ranked_loss(seq, scores, alpha=a.alpha, lam=a.lam, ref_logps=ref_logps,
+                                               return_rewards=True)
             chosen, rejected = scores.argmax(dim=1), scores.argmin(dim=1)
             decided = scores.max(dim=1).values > scores.min(dim=1).values
         else:  # preference pairs: chosen first
             ref_chosen, ref_rejected = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
-            losses = cpl_loss(seq[:, 0], seq[:, 1], alpha=a.alpha, lam=a.lam,
-                              ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+            losses, chosen_scores, rejected_scores = cpl_loss(seq[:, 0], seq[:, 1], alpha=a.alpha, lam=a.lam,
+                                                              ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+                                                              return_rewards=True)
+            implicit = torch.stack([chosen_scores, rejected_scores], dim=1)
             chosen, rejected = torch.zeros_like(seq[:, 0], dtype=torch.long), torch.ones_like(seq[:, 0], dtype=torch.long)
             decided = torch.ones_like(seq[:, 0], dtype=torch.bool)
-        implicit = a.alpha * (seq if ref_logps is None else seq - ref_logps)
 
         def pick(x, column):
             return x.gather(1, column[:, None])[:, 0][decided]

@@ -35,8 +35,8 @@ class DPOTrainer(PolicyTrainer):
     online_pairs = True
 
     def objective(self, logps: LogProbs, ref_logps: torch.Tensor, batch: dict):
-        seq, beta = logps.sequence, self.args.beta
-        losses = LOSSES[self.args.loss_type](seq[:, 0], seq[:, 1], ref_logps[:, 0], ref_logps[:, 1], beta=beta)
-        rewards = beta * (seq - ref_logps)
-        metrics = pair_metrics(rewards[:, 0], rewards[:, 1], seq[:, 0], seq[:, 1]) | self.log_ratio_metrics(logps, ref_logps)
-        return losses, metrics
+        seq = logps.sequence
+        out = LOSSES[self.args.loss_type](seq[:, 0], seq[:, 1], ref_logps[:, 0], ref_logps[:, 1], beta=self.args.beta,
+                                          return_rewards=True)
+        metrics = pair_metrics(out.chosen_rewards, out.rejected_rewards, seq[:, 0], seq[:, 1])
+        return out.losses, metrics | self.log_ratio_metrics(logps, ref_logps)
