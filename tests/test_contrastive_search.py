@@ -274,6 +274,41 @@ def test_model_with_post_processed_logits_and_sliding_window():
     assert head_inputs == [(2, 1, 32)] * 2 + [(8, 1, 32)] * 10 + [(2, 1, 32)] * 42
 
 
+ARCHITECTURES = {  # name -> (tiny config, whether the k candidates run as k positions of each row)
+    "opt": (lambda: transformers.OPTConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+        max_position_embeddings=128, word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=0), True),
+    "gpt_neox": (lambda: transformers.GPTNeoXConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64), True),
+    "qwen2": (lambda: transformers.Qwen2Config(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64), True),
+    "falcon": (lambda: transformers.FalconConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4), True),
+    # ALiBi takes positions from the 2D mask (Bloom, Falcon) or the key index (MPT): candidates as B·k rows.
+    "falcon_alibi": (lambda: transformers.FalconConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True), False),
+    "bloom": (lambda: transformers.BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4), False),
+    "mpt": (lambda: transformers.MptConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4), False),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_other_architectures_equal_naive_reencoding(name):
+    make_config, as_positions = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(make_config()).eval()
+    ids, mask = left_padded([6, 3, 8])
+    inputs = []
+    hook = record_input_shapes(model.get_input_embeddings(), inputs)
+    try:
+        out = contrastive_search(model, ids, mask, penalty_alpha=0.6, top_k=4, max_new_tokens=6)
+    finally:
+        hook.remove()
+    assert out.tolist() == naive_contrastive_search(model, ids, mask, 0.6, 4, steps=6).tolist()
+    assert inputs[1] == ((3, 4) if as_positions else (12, 1))
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [

@@ -92,10 +92,18 @@ _CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
 
 def _takes_candidates_as_positions(model: nn.Module, cache) -> bool:
     """Whether the k candidates can run as k positions over one cache per row (``_SharedPrefixCandidates``): every
-    layer keeps its full past (no sliding window) and the attention takes a custom mask."""
+    layer keeps its full past (no sliding window), the attention takes a custom mask, and positions come from
+    ``position_ids`` alone. ALiBi models do not qualify: they derive positions from the 2D mask (Bloom, Falcon with
+    ``alibi``) or from the key index (MPT), so they would see the k candidates at k different positions."""
     layers = getattr(cache, "layers", None)
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return attention in _CUSTOM_MASK_ATTENTION and bool(layers) and all(type(lay) is DynamicLayer for lay in layers)
+    config = getattr(model, "config", None)
+    return (
+        getattr(config, "_attn_implementation", None) in _CUSTOM_MASK_ATTENTION
+        and not getattr(config, "alibi", False)
+        and _accepts(model, "position_ids")
+        and bool(layers)
+        and all(type(layer) is DynamicLayer for layer in layers)
+    )
 
 
 class _Runner:
