@@ -3,7 +3,7 @@
     python scripts/bench_decoding.py [--shape readme llama38m smollm2] [--model DIR ...] [--batch 8]
         [--repeats 3] [--threads 1] [--tf4-python /work/venv455/bin/python] [--json out.json]
 
-Shapes (``--shape``, all three by default; ``--model DIR`` adds any Hugging Face causal-LM directory):
+Shapes (``--shape``; all three unless ``--model DIR ...`` names Hugging Face causal-LM directories instead):
 
 * ``readme``: the README's locally built Llama (~35M parameters: vocabulary 16000, width 512, 6 layers), random
   prompts of 32 tokens, 128 new tokens.
@@ -231,11 +231,10 @@ def bench_shape(name: str, source: dict, args) -> dict:
         "identical_to_transformers455": identical,
     }
     for impl in impls:
-        wall = statistics.median(run[0] for run in runs[impl])
-        cpu = statistics.median(run[1] for run in runs[impl])
-        result[impl] = {"tokens_per_s": round(tokens / wall, 2), "tokens_per_cpu_s": round(tokens / cpu, 2),
-                        "wall_s": [round(run[0], 3) for run in runs[impl]],
-                        "cpu_s": [round(run[1], 3) for run in runs[impl]]}
+        walls, cpus = [timing[0] for timing in runs[impl]], [timing[1] for timing in runs[impl]]
+        result[impl] = {"tokens_per_s": round(tokens / statistics.median(walls), 2),
+                        "tokens_per_cpu_s": round(tokens / statistics.median(cpus), 2),
+                        "wall_s": [round(wall, 3) for wall in walls], "cpu_s": [round(cpu, 3) for cpu in cpus]}
     for label, fast, slow in (("align_vs_transformers455", "align", "transformers455"),
                               ("greedy_vs_align", "greedy", "align")):
         result[label] = {"by_wall_time": round(result[fast]["tokens_per_s"] / result[slow]["tokens_per_s"], 3),
@@ -265,9 +264,9 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", nargs="+", choices=["readme", "llama38m", "smollm2"],
-                        default=["readme", "llama38m", "smollm2"])
-    parser.add_argument("--model", nargs="*", default=[], help="more model directories, run like smollm2")
+    parser.add_argument("--shape", nargs="*", choices=["readme", "llama38m", "smollm2"],
+                        help="default: all three, or none if --model is given")
+    parser.add_argument("--model", nargs="*", default=[], help="model directories, run like smollm2")
     parser.add_argument("--smollm2", default=os.environ.get("ALIGN_REAL_MODEL", "/work/models/smollm2-135m-instruct"))
     parser.add_argument("--tf4-python", default="/work/venv455/bin/python",
                         help="python of an environment with transformers 4.55 (the last with contrastive search)")
@@ -282,6 +281,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.shape is None:
+        args.shape = [] if args.model else ["readme", "llama38m", "smollm2"]
     torch.set_num_threads(args.threads)
     if args.worker:
         worker(json.loads(args.worker))
