@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,8 @@ def models() -> dict[str, torch.nn.Module]:
     built = {name: build(name) for name in REFERENCE["models"]}
     # Llama with a padding embedding: padding positions then have all-zero last hidden states (0/0 cosines).
     built["llama_pad0"] = build("llama", pad_token_id=0)
+    # Eager attention adds the candidates' mask to the scores itself (sdpa hands it to the kernel).
+    built["llama_gqa_tied_eager"] = build("llama_gqa_tied", attn_implementation="eager")
     return built
 
 
@@ -114,7 +117,7 @@ def test_matches_transformers_4x(models, case, low_memory):
     assert out.tolist() == case["output_ids"]
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "llama_pad0"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "llama_pad0", "llama_gqa_tied", "llama_gqa_tied_eager"])
 @pytest.mark.parametrize("alpha,k", [(0.6, 4), (1.0, 3)])
 @pytest.mark.parametrize("low_memory", [False, True])
 def test_kv_cache_equals_naive_reencoding(models, name, alpha, k, low_memory):
@@ -148,7 +151,7 @@ def test_batch_equals_single_runs(models):
     assert batch.tolist() == [single.tolist() for single in singles]
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "llama_gqa_tied"])
 @pytest.mark.parametrize("alpha,k", [(0.0, 4), (0.7, 1)])
 def test_alpha_zero_or_k_one_is_greedy(models, name, alpha, k):
     ids, mask = left_padded([5, 8], seed=5)
@@ -202,8 +205,9 @@ def record_input_shapes(module: torch.nn.Module, shapes: list):
 
 
 def test_one_candidate_forward_of_b_times_k_rows_per_step(models):
-    """The prefix is encoded once; each step feeds only the B·k candidates (or k times B rows with low_memory),
-    and the LM head runs on the last prompt position and then on the B chosen candidates only."""
+    """The prefix is encoded once; each step feeds only the B·k candidates, as k positions of each of the B rows
+    (or k times B rows with low_memory), and the LM head runs on the last prompt position and then on the B chosen
+    candidates only."""
     model = models["llama"]
     inputs, head_inputs = [], []
     hooks = [
@@ -213,7 +217,7 @@ def test_one_candidate_forward_of_b_times_k_rows_per_step(models):
     ids, mask = left_padded([4, 6], seed=8)
     try:
         contrastive_search(model, ids, mask, penalty_alpha=0.6, top_k=3, max_new_tokens=5)
-        assert inputs == [(2, 6)] + [(6, 1)] * 5
+        assert inputs == [(2, 6)] + [(2, 3)] * 5
         assert head_inputs == [(2, 1, 32)] * 2 + [(2, 32)] * 5  # prompt, the lm_head check, 5 steps
         inputs.clear()
         contrastive_search(model, ids, mask, penalty_alpha=0.6, top_k=3, max_new_tokens=5, low_memory=True)
@@ -270,6 +274,41 @@ def test_model_with_post_processed_logits_and_sliding_window():
     assert head_inputs == [(2, 1, 32)] * 2 + [(8, 1, 32)] * 10 + [(2, 1, 32)] * 42
 
 
+ARCHITECTURES = {  # name -> (tiny config, whether the k candidates run as k positions of each row)
+    "opt": (lambda: transformers.OPTConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
+        max_position_embeddings=128, word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=0), True),
+    "gpt_neox": (lambda: transformers.GPTNeoXConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64), True),
+    "qwen2": (lambda: transformers.Qwen2Config(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64), True),
+    "falcon": (lambda: transformers.FalconConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4), True),
+    # ALiBi takes positions from the 2D mask (Bloom, Falcon) or the key index (MPT): candidates as B·k rows.
+    "falcon_alibi": (lambda: transformers.FalconConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True), False),
+    "bloom": (lambda: transformers.BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4), False),
+    "mpt": (lambda: transformers.MptConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4), False),
+}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_other_architectures_equal_naive_reencoding(name):
+    make_config, as_positions = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(make_config()).eval()
+    ids, mask = left_padded([6, 3, 8])
+    inputs = []
+    hook = record_input_shapes(model.get_input_embeddings(), inputs)
+    try:
+        out = contrastive_search(model, ids, mask, penalty_alpha=0.6, top_k=4, max_new_tokens=6)
+    finally:
+        hook.remove()
+    assert out.tolist() == naive_contrastive_search(model, ids, mask, 0.6, 4, steps=6).tolist()
+    assert inputs[1] == ((3, 4) if as_positions else (12, 1))
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
@@ -308,3 +347,33 @@ def test_degeneration_penalty_properties():
     assert masked[0, 1].item() == pytest.approx(expected.item(), abs=1e-6)
     torch.testing.assert_close(masked[1], penalty[1])
     assert not torch.isnan(masked).any()
+
+
+REAL_MODEL = os.environ.get("ALIGN_REAL_MODEL")
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not REAL_MODEL, reason="set ALIGN_REAL_MODEL to the SmolLM2-135M-Instruct directory")
+def test_real_chat_model_matches_transformers_4x_and_greedy():
+    """SmolLM2-135M-Instruct (GQA, tied embeddings, 30 layers) on left-padded chat prompts: transformers 4.55's tokens,
+    and greedy search's at α = 0."""
+    record = REFERENCE["real_model"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(REAL_MODEL, dtype=torch.float32).eval()
+    assert maker.weights_sha256(model) == record["weights_sha256"], f"{REAL_MODEL} is not {record['model']}"
+    # The stored prompts are the questions through this tokenizer's chat template.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(REAL_MODEL)
+    for question, ids, mask in zip(record["questions"], record["input_ids"], record["attention_mask"], strict=True):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        real_ids = [token for token, real in zip(ids, mask, strict=True) if real]
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == real_ids
+    ids, mask = torch.tensor(record["input_ids"]), torch.tensor(record["attention_mask"])
+    settings = dict(max_new_tokens=record["max_new_tokens"], eos_token_id=record["eos_token_id"],
+                    pad_token_id=record["pad_token_id"])
+    out = contrastive_search(
+        model, ids, mask, penalty_alpha=record["penalty_alpha"], top_k=record["top_k"], **settings
+    )
+    assert out.tolist() == record["output_ids"]
+    greedy = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **settings)
+    assert contrastive_search(model, ids, mask, penalty_alpha=0.0, top_k=4, **settings).tolist() == greedy.tolist()

@@ -5,9 +5,11 @@ Each step picks, among the top-k tokens V^(k) of the model,
     x_t = argmax_{v ∈ V^(k)} (1 - α)·p(v | x_<t) - α·max_{j<t} cos(h_v, h_{x_j})        (paper Eq. 5; notes B1)
 
 with p the full-vocabulary softmax, h the last-layer hidden state, and the context x_<t including the prompt
-(padding excluded). h_v needs a forward pass of every candidate; it runs as one batch of B·k rows over a key/value
-cache that holds k copies of each row, so the prefix is never re-encoded. The tokens are those of transformers 4.x's
-built-in contrastive search (≤ 4.55, removed from transformers in 4.56) in fp32.
+(padding excluded). h_v needs a forward pass of every candidate. The k candidates of a row run as k query positions
+of that row over its one copy of the key/value cache, under a mask that lets each of them see the context and itself
+but not its siblings: the prefix is never re-encoded nor copied k times, and attention reads the cache once per row
+rather than once per candidate. The LM head runs only on the chosen candidates. The tokens are those of
+transformers 4.x's built-in contrastive search (≤ 4.55, removed from transformers in 4.56) in fp32.
 """
 
 from __future__ import annotations
@@ -84,6 +86,26 @@ def _accepts(module: nn.Module, argument: str) -> bool:
     return argument in inspect.signature(inner.forward).parameters
 
 
+# Attention implementations that apply a given 4D additive mask as it is (transformers' masking utilities pass it on).
+_CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
+
+
+def _takes_candidates_as_positions(model: nn.Module, cache) -> bool:
+    """Whether the k candidates can run as k positions over one cache per row (``_SharedPrefixCandidates``): every
+    layer keeps its full past (no sliding window), the attention takes a custom mask, and positions come from
+    ``position_ids`` alone. ALiBi models do not qualify: they derive positions from the 2D mask (Bloom, Falcon with
+    ``alibi``) or from the key index (MPT), so they would see the k candidates at k different positions."""
+    layers = getattr(cache, "layers", None)
+    config = getattr(model, "config", None)
+    return (
+        getattr(config, "_attn_implementation", None) in _CUSTOM_MASK_ATTENTION
+        and not getattr(config, "alibi", False)
+        and _accepts(model, "position_ids")
+        and bool(layers)
+        and all(type(layer) is DynamicLayer for layer in layers)
+    )
+
+
 class _Runner:
     """Runs the model on one new token per row over the cache; returns last-layer hidden states and logits.
 
@@ -103,7 +125,8 @@ class _Runner:
         self.decoder = decoder if headless and torch.equal(self.head(last_hidden).float(), last_logits) else None
 
     def __call__(self, token_ids, attention_mask, position_ids, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(N, E)`` hidden states of the new tokens and their ``(N, V)`` fp32 logits, or None if ``logits()`` will."""
+        """``(N, Q, E)`` hidden states of the ``(N, Q)`` new tokens and their ``(N, Q, V)`` fp32 logits, or None if
+        ``logits()`` will compute them."""
         inputs = dict(
             input_ids=token_ids,
             attention_mask=attention_mask,
@@ -112,9 +135,9 @@ class _Runner:
             use_cache=True,
         )
         if self.decoder is not None:
-            return self.decoder(**inputs).last_hidden_state[:, -1], None
+            return self.decoder(**inputs).last_hidden_state, None
         out = self.model(**inputs, output_hidden_states=True)
-        return out.hidden_states[-1][:, -1], out.logits[:, -1].float()
+        return out.hidden_states[-1], out.logits.float()
 
     def logits(self, hidden: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
         return self.head(hidden).float() if logits is None else logits
@@ -161,8 +184,54 @@ def _prepare_cache(cache, repeats: int, capacity: int) -> list:
     return layers
 
 
+class _SharedPrefixCandidates:
+    """All k candidates of every row in one forward pass, as k query positions of the row over its one cache.
+
+    A step appends the k candidates' keys and values to the row's cache at positions L, ..., L+k-1, all with the
+    position id of token L; an additive attention mask lets candidate i see the context and its own entry L+i but not
+    its siblings, so each one's states are those it would have alone. Moving the chosen candidate's entry to L and
+    dropping the others leaves the cache as if the chosen token alone had been fed. The cache is never copied, and
+    attention reads it once per row instead of once per candidate (transformers 4.x repeats the whole cache k times
+    and re-selects it at every step).
+    """
+
+    def __init__(self, runner, cache, attention_mask, next_position, k, max_new_tokens, dtype):
+        self.runner, self.cache, self.k = runner, cache, k
+        rows, prompt_length = attention_mask.shape
+        capacity = prompt_length + max_new_tokens + k - 1
+        self.layers = _prepare_cache(cache, 1, capacity)
+        blocked = torch.finfo(dtype).min
+        # (B, 1, k, capacity): padding is blocked for good; a generated column opens once its token is kept.
+        self.mask = torch.zeros(rows, 1, k, capacity, dtype=dtype, device=attention_mask.device)
+        self.mask[..., :prompt_length].masked_fill_((attention_mask == 0)[:, None, None, :], blocked)
+        self.siblings = torch.full((k, k), blocked, dtype=dtype, device=attention_mask.device).fill_diagonal_(0)
+        self.length = prompt_length
+        self.next_position = next_position
+        self.row_index = torch.arange(rows, device=attention_mask.device)
+
+    def __call__(self, candidate_ids: torch.Tensor, step: int) -> torch.Tensor:
+        mask = self.mask[..., : self.length + self.k]
+        mask[..., self.length :] = self.siblings
+        positions = (self.next_position + step)[:, None].expand(-1, self.k)
+        hidden, self.candidate_logits = self.runner(candidate_ids, mask, positions, self.cache)
+        return hidden
+
+    def keep(self, chosen: torch.Tensor, chosen_hidden: torch.Tensor) -> torch.Tensor:
+        """Reduces the cache to the chosen candidates and returns their next-token logits."""
+        source = self.length + chosen
+        for layer in self.layers:
+            layer.keys[:, :, self.length] = layer.keys[self.row_index, :, source]
+            layer.values[:, :, self.length] = layer.values[self.row_index, :, source]
+            layer.crop(-(self.k - 1))
+        self.mask[..., self.length] = 0
+        self.length += 1
+        logits = None if self.candidate_logits is None else self.candidate_logits[self.row_index, chosen]
+        return self.runner.logits(chosen_hidden, logits)
+
+
 class _BatchedCandidates:
-    """All k candidates of every row in one forward pass of B·k rows.
+    """All k candidates of every row in one forward pass of B·k rows, for caches whose layers cannot take the k
+    candidates as extra positions (e.g. sliding-window layers) or attention that takes no custom mask.
 
     The cache is expanded to k copies of each row once, after the prompt. A step appends the k candidates' keys and
     values at the same position; copying the chosen candidate's entry over its k-1 siblings reduces the cache to the
@@ -182,12 +251,13 @@ class _BatchedCandidates:
 
     def __call__(self, candidate_ids: torch.Tensor, step: int) -> torch.Tensor:
         rows = candidate_ids.shape[0]
-        hidden, self.candidate_logits = self.runner(
+        hidden, logits = self.runner(
             candidate_ids.reshape(-1, 1),
             self.mask[:, : self.prompt_length + step + 1],
             (self.next_position + step)[:, None],
             self.cache,
         )
+        self.candidate_logits = None if logits is None else logits[:, -1]
         return hidden.view(rows, self.k, -1)
 
     def keep(self, chosen: torch.Tensor, chosen_hidden: torch.Tensor) -> torch.Tensor:
@@ -227,8 +297,8 @@ class _SequentialCandidates:
                 (self.next_position + step)[:, None],
                 self.cache,
             )
-            hidden.append(h)
-            logits.append(lg)
+            hidden.append(h[:, -1])
+            logits.append(None if lg is None else lg[:, -1])
             # Cloned: the next candidate overwrites this slot of the cache in place.
             self.entries.append([(lay.keys[:, :, -1:].clone(), lay.values[:, :, -1:].clone()) for lay in self.layers])
             self.cache.crop(-1)
@@ -269,7 +339,9 @@ def contrastive_search(
         max_new_tokens: number of steps at most; decoding stops earlier once every row has emitted an EOS.
         eos_token_id: one id or several; a row that emits one is finished and then emits ``pad_token_id``.
         pad_token_id: defaults to the (first) EOS id.
-        low_memory: score the k candidates one after another (same tokens, about 1/k of the cache memory, slower).
+        low_memory: score the k candidates one after another, B rows per forward pass (same tokens, slower): about
+            1/k of the activation memory, and of the cache memory on models whose cache otherwise holds k copies
+            of each row (sliding-window layers).
 
     Returns:
         ``(B, S + n)`` ids, n ≤ max_new_tokens the number of steps run.
@@ -308,8 +380,15 @@ def contrastive_search(
     context_mask = torch.zeros(context.shape[:2], dtype=torch.bool, device=device)
     context_mask[:, :prompt_length] = attention_mask.bool()
 
-    candidates_cls = _SequentialCandidates if low_memory and k > 1 else _BatchedCandidates
-    candidates = candidates_cls(runner, out.past_key_values, attention_mask, attention_mask.sum(-1), k, max_new_tokens)
+    cache, next_position = out.past_key_values, attention_mask.sum(-1)
+    if low_memory and k > 1:
+        candidates = _SequentialCandidates(runner, cache, attention_mask, next_position, k, max_new_tokens)
+    elif _takes_candidates_as_positions(model, cache):
+        candidates = _SharedPrefixCandidates(
+            runner, cache, attention_mask, next_position, k, max_new_tokens, prompt_hidden.dtype
+        )
+    else:
+        candidates = _BatchedCandidates(runner, cache, attention_mask, next_position, k, max_new_tokens)
     del out  # the prompt's logits and per-layer states are not needed any more
 
     rows = torch.arange(batch, device=device)
