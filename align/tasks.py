@@ -53,7 +53,8 @@ def _demo_evaluate(model, tokenizer, prompts: list, *, max_new_tokens: int, seed
 
 
 # --- builtin:constraints -------------------------------------------------------------------------------------
-SAMPLES_PER_PROMPT = 4  # offline pairs: samples of the base policy per prompt; evaluation: samples per prompt
+SAMPLES_PER_PROMPT = 4  # offline pairs: samples of the base policy per prompt
+EVAL_SAMPLES = 2  # held-out evaluation: samples per prompt at temperature 1 (and one greedy completion)
 
 
 def _constraint_prompts(split: str, n: int, seed: int) -> list[list[dict]]:
@@ -87,7 +88,7 @@ def _constraints_evaluate(model, tokenizer, prompts: list, *, max_new_tokens: in
     """Strict success of the policy and its reference on held-out prompts, sampled at temperature 1 and greedy,
     overall and per constraint kind; win rate and KL from the sampled completions."""
     out = {}
-    for mode, temperature, n in (("", 1.0, SAMPLES_PER_PROMPT), ("_greedy", 0.0, 1)):
+    for mode, temperature, n in (("", 1.0, EVAL_SAMPLES), ("_greedy", 0.0, 1)):
         figures = evaluate_against_reference(model, tokenizer, prompts, constraint_reward, max_new_tokens=max_new_tokens,
                                              seed=seed, n=n, temperature=temperature, breakdown=success_by_kind)
         out[f"constraint_success{mode}_before"] = figures["true_reward_before"]
