@@ -26,12 +26,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align import checkpoints
 from align.data import ExampleDataset, GroupCollator, LengthGroupedSampler, padded_length
-from align.errors import ConfigError, NonFiniteError
+from align.errors import ConfigError, NonFiniteError, Preempted
 from align.models import REFERENCE_FILE, base_weights_modified, freeze_reference, completion_logps, disable_dropout, load_policy, reference_snapshot, reference_completion_logps, sequence_logps
 from align.rewards import RewardFunction
 from align.sampling import Sampler, SamplingParams, derive_seed
 from align.tasks import Task, is_task
 from align.trainers.config import AlignConfig
+from align.trainers.preemption import PreemptionCallback
 from align.trainers.reference import cached_reference_logps
 from align.trainers.rollout import rollout
 
@@ -106,6 +107,8 @@ class AlignTrainer(Trainer):
                          processing_class=processing_class, data_collator=GroupCollator(processing_class.pad_token_id),
                          callbacks=callbacks)
         self.add_callback(NonFiniteGuard(self))
+        self.preemption = PreemptionCallback(self)
+        self.add_callback(self.preemption)
         self.nonfinite_steps = 0
         self.nonfinite_loss = False  # set by compute_loss, read by NonFiniteGuard before the optimizer step
         self._staging: str | None = None  # where the checkpoint being saved is written (see _save_checkpoint)
@@ -172,16 +175,32 @@ class AlignTrainer(Trainer):
 
     # --- checkpoints (see align.checkpoints) ---------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """``resume_from_checkpoint``: a checkpoint directory (strict), or True: the newest checkpoint of
+        ``output_dir`` that verifies, or a fresh start when there is none. Raises ``Preempted`` after a
+        SIGTERM/SIGINT stopped training at a step end and saved its checkpoint (``PreemptionCallback``)."""
         if resume_from_checkpoint is True:  # the newest checkpoint that verifies, not merely the newest
-            resume_from_checkpoint = str(checkpoints.last_good_checkpoint(self.args.output_dir))
+            found = checkpoints.newest_good_checkpoint(self.args.output_dir)
+            if found is None:
+                logger.info("--resume: no checkpoint in %s yet, starting a fresh run", self.args.output_dir)
+            else:
+                logger.info("--resume: resuming from %s", found)
+            resume_from_checkpoint = found and str(found)
         if resume_from_checkpoint:
             self._restore(resume_from_checkpoint)
         try:
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         except pickle.UnpicklingError:  # transformers' torch.load(weights_only=True) refused a file
             raise checkpoints.CheckpointError(
                 f"{resume_from_checkpoint}: a file holds objects other than tensors and was not loaded; such a "
                 "file can run code when unpickled: resume only from checkpoints you trust") from None
+        finally:
+            self.preemption.uninstall()
+        step = self.preemption.stopped_at
+        if step is not None:
+            checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            raise Preempted(f"stopped on a signal after step {step} of {self.state.max_steps}, checkpoint saved in "
+                            f"{checkpoint}: run the same command with --resume to continue", str(checkpoint), step)
+        return result
 
     def _get_output_dir(self, trial) -> str:
         return self._staging or super()._get_output_dir(trial)
