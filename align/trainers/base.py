@@ -112,6 +112,8 @@ class AlignTrainer(Trainer):
         self.nonfinite_steps = 0
         self.nonfinite_loss = False  # set by compute_loss, read by NonFiniteGuard before the optimizer step
         self._staging: str | None = None  # where the checkpoint being saved is written (see _save_checkpoint)
+        self._length_sampler: LengthGroupedSampler | None = None  # the training order (group_by_length)
+        self._resume_epoch_seed: int | None = None  # its seed for the epoch a resumed run continues
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     # --- what a trainer declares ------------------------------------------------------------------
@@ -136,8 +138,10 @@ class AlignTrainer(Trainer):
         if self.args.online:  # a prompt's length says little about its batch's (sampled) length
             return torch.utils.data.RandomSampler(dataset)
         a = self.args
-        return LengthGroupedSampler([padded_length(dataset[i]) for i in range(len(dataset))],
-                                    a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps)
+        self._length_sampler = LengthGroupedSampler([padded_length(dataset[i]) for i in range(len(dataset))],
+                                                    a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps,
+                                                    resume_seed=self._resume_epoch_seed)
+        return self._length_sampler
 
     # --- the loss -----------------------------------------------------------------------------------
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -258,9 +262,13 @@ class AlignTrainer(Trainer):
 
     def _resume_state(self) -> dict:
         """What resuming needs beyond transformers' files: align's counters, and what fixes the data
-        order and the on-policy sampling seeds (the seeds and the training data)."""
+        order and the on-policy sampling seeds (the seeds and the training data; in the middle of an epoch,
+        the seed of its length-grouped order, which a resumed run cannot draw again)."""
+        mid_epoch = (self.state.epoch or 0) % 1 != 0
+        sampler = self._length_sampler
         return {"nonfinite_steps": self.nonfinite_steps, "seed": self.args.seed, "data_seed": self.args.data_seed,
-                "train_data": checkpoints.data_fingerprint(self.train_dataset)}
+                "train_data": checkpoints.data_fingerprint(self.train_dataset),
+                "epoch_seed": sampler.seed if sampler is not None and mid_epoch else None}
 
     def _restore(self, checkpoint: str) -> dict:
         """Verify ``checkpoint`` against its manifest and this run, and take back align's counters
@@ -273,6 +281,7 @@ class AlignTrainer(Trainer):
                                                   "continue the same run; use the original settings and data, or a "
                                                   "new output_dir")
         self.nonfinite_steps = saved["nonfinite_steps"]
+        self._resume_epoch_seed = saved.get("epoch_seed")
         if (Path(checkpoint) / REFERENCE_FILE).exists():
             freeze_reference(self.model, load_file(Path(checkpoint) / REFERENCE_FILE))
         return saved
