@@ -8,7 +8,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from align import checkpoints, tasks
 from align.config import build_config, load_yaml
@@ -144,6 +144,19 @@ def make_sampler(config: AlignConfig, model, tokenizer):
                        api_key=config.vllm_api_key)
 
 
+class UnfinishedRun(TrainerCallback):
+    """Removes an earlier run's summary when training starts (every check passed, a checkpoint loaded): the
+    run in output_dir has not finished until its own summary is written, and ``--resume`` reads a summary as
+    "finished"."""
+
+    def __init__(self, summary_path: Path):
+        self.summary_path = summary_path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.should_save:
+            self.summary_path.unlink(missing_ok=True)
+
+
 def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None) -> dict:
     """Train, save the adapter (peft format, safetensors) and, on a built-in task, evaluate it on held-out
     prompts. Returns the summary (also written to OUTPUT_DIR/summary.json, last: its presence marks a finished
@@ -167,8 +180,7 @@ def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None)
 def _train(config: AlignConfig, resume_from_checkpoint, output_dir: Path, summary_path: Path, plot_path: Path,
            merged_dir: Path) -> dict:
     trainer = build_trainer(config)
-    if trainer.is_world_process_zero():  # the run now in output_dir has not finished (a summary says it has)
-        summary_path.unlink(missing_ok=True)
+    trainer.add_callback(UnfinishedRun(summary_path))
     try:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     finally:  # a vLLM engine or server connection is released even when training fails or is preempted
