@@ -83,11 +83,12 @@ def test_vllm_samples_from_the_resumed_weights_first(tmp_path, monkeypatch, reco
         """The shared sampler, recording each step's completions; ``close`` is left to the test."""
 
         def __init__(self, sampler):
-            self.sampler, self.samples = sampler, []
+            self.sampler, self.samples, self.requests = sampler, [], []
 
         def sample(self, prompt_ids, params):
             out = self.sampler.sample(prompt_ids, params)
             self.samples.append(out.completion_ids)
+            self.requests.append((prompt_ids, params))
             return out
 
         def __getattr__(self, name):
@@ -119,7 +120,7 @@ def test_vllm_samples_from_the_resumed_weights_first(tmp_path, monkeypatch, reco
     def config(name):
         return api.make_config(ONLINE | {"model": "builtin:demo", "dataset": "builtin:demo", "reward": "builtin:demo",
                                          "sampler": "vllm", "vllm_mode": "colocate", "vllm_sync": "merged",
-                                         "task_train_prompts": 8, "torch_threads": 1,
+                                         "task_train_prompts": 8, "torch_threads": 1, "learning_rate": 5e-2,
                                          "output_dir": str(tmp_path / name)})
 
     try:
@@ -131,10 +132,13 @@ def test_vllm_samples_from_the_resumed_weights_first(tmp_path, monkeypatch, reco
         reference = shared["run"].samples
         api.train(config("preempted"), resume_from_checkpoint=True)
         resumed = shared["run"].samples
+        # what a stale engine would have sampled at step 3: the engine now holds the final weights again
+        stale = shared["engine"].sample(*shared["run"].requests[0]).completion_ids
     finally:
         if "engine" in shared:
             shared["engine"].close()
     assert len(reference) == 4 and first == reference[:2]
     assert resumed == reference[2:]  # from the first post-resume sample on
+    assert stale != reference[2]  # the test can tell: step 3 sampled from other weights differs
     assert adapters_equal(tmp_path / "preempted", tmp_path / "reference")
     record_property("data_lost", 0)
