@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,7 @@ from test_resume import assert_same, damaged_checkpoints, outcome
 
 from align import api, checkpoints, cli
 from align.errors import PREEMPTED_EXIT_CODE, OutputLockedError
+from align.trainers import base
 
 ROOT = Path(__file__).parents[1]
 QUICKSTART = ["--config", str(ROOT / "configs" / "quickstart.yaml"),
@@ -207,6 +209,21 @@ def test_failed_run_releases_the_lock(trained_run, tmp_path):
     assert not (out / checkpoints.LOCK).exists() and (out / "summary.json").exists()
 
 
+def test_a_new_run_in_a_finished_output_dir_is_unfinished_once_training_starts(trained_run, tmp_path, monkeypatch):
+    """An earlier run's summary says "finished" to --resume: a new run (no --resume) in the same directory removes
+    it when its training starts, so that a restart after a crash resumes the new run instead of skipping it."""
+    config, out = trained_run
+    shutil.copytree(out, tmp_path / "out")
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("crash in step 1")
+
+    monkeypatch.setattr(base.AlignTrainer, "compute_loss", crash)
+    with pytest.raises(RuntimeError, match="crash in step 1"):
+        api.train(api.load_config(str(config), {"output_dir": str(tmp_path / "out")}))
+    assert not (tmp_path / "out" / "summary.json").exists() and not (tmp_path / "out" / checkpoints.LOCK).exists()
+
+
 # --- data parallel: 2 processes ---------------------------------------------------------------------------------
 
 DDP_RUN = {"trainer": "cpl", "model": "builtin:demo", "dataset": "builtin:demo", "alpha": 0.1, "lam": 0.8,
@@ -241,8 +258,6 @@ def test_signal_to_one_rank_stops_every_rank_after_the_same_step(demo_base_dir, 
 
 def _worker(root: Path) -> None:
     """One rank: the run preempted by a SIGTERM to rank 1 only, its --resume, and the uninterrupted run."""
-    from align.trainers import base
-
     rank = os.environ["RANK"]
     seen = []  # global_step at each micro-batch: step k + 1 runs with global_step k
     real_loss = base.AlignTrainer.compute_loss
