@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from align import checkpoints, tasks
 from align.config import build_config, load_yaml
@@ -143,17 +144,46 @@ def make_sampler(config: AlignConfig, model, tokenizer):
                        api_key=config.vllm_api_key)
 
 
+class UnfinishedRun(TrainerCallback):
+    """Removes an earlier run's summary when training starts (every check passed, a checkpoint loaded): the
+    run in output_dir has not finished until its own summary is written, and ``--resume`` reads a summary as
+    "finished"."""
+
+    def __init__(self, summary_path: Path):
+        self.summary_path = summary_path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.should_save:
+            self.summary_path.unlink(missing_ok=True)
+
+
 def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None) -> dict:
     """Train, save the adapter (peft format, safetensors) and, on a built-in task, evaluate it on held-out
-    prompts. Returns the summary (also written to OUTPUT_DIR/summary.json)."""
+    prompts. Returns the summary (also written to OUTPUT_DIR/summary.json, last: its presence marks a finished
+    run). ``resume_from_checkpoint``: a checkpoint directory, or True: the newest good checkpoint of
+    ``output_dir`` if there is one, else a fresh start; a finished run is not trained again (its summary is
+    returned). Raises ``Preempted`` when a SIGTERM/SIGINT stopped training after saving a checkpoint. Holds
+    the output directory's lock (``checkpoints.OutputLock``, rank 0) throughout."""
     output_dir = Path(config.output_dir)
     # Checked before training: a link out of output_dir would otherwise fail the run at its very end.
     summary_path, plot_path, merged_dir = (checkpoints.output_path(output_dir, name)
                                            for name in ("summary.json", "training.png", "merged"))
+    with checkpoints.OutputLock(output_dir) if config.should_save else nullcontext():
+        if resume_from_checkpoint is True and summary_path.is_file():
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            logger.info("--resume: %s holds a finished run (%s steps; %s): not training again", output_dir,
+                        summary.get("steps"), summary_path.name)
+            return summary
+        return _train(config, resume_from_checkpoint, output_dir, summary_path, plot_path, merged_dir)
+
+
+def _train(config: AlignConfig, resume_from_checkpoint, output_dir: Path, summary_path: Path, plot_path: Path,
+           merged_dir: Path) -> dict:
     trainer = build_trainer(config)
+    trainer.add_callback(UnfinishedRun(summary_path))
     try:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    finally:  # a vLLM engine or server connection is released even when training fails
+    finally:  # a vLLM engine or server connection is released even when training fails or is preempted
         getattr(getattr(trainer, "sampler", None), "close", lambda: None)()
     trainer.save_model(str(output_dir))
     summary = {"trainer": trainer_name(config), "train_loss": result.training_loss, "steps": trainer.state.global_step,
@@ -166,8 +196,8 @@ def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None)
             model = trainer.accelerator.unwrap_model(trainer.model)
             model.merge_and_unload().save_pretrained(merged_dir)
             trainer.processing_class.save_pretrained(merged_dir)
-        checkpoints.write_atomic(summary_path, json.dumps(summary, indent=2))
         plot_training(trainer.state.log_history, summary, plot_path)
+        checkpoints.write_atomic(summary_path, json.dumps(summary, indent=2))
     return summary
 
 

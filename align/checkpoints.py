@@ -7,7 +7,7 @@ atomic on POSIX file systems. A crash at any moment leaves the earlier checkpoin
 next save removes the leftover ``.tmp-*`` directory. Rotation (``save_total_limit``) runs only after
 a new checkpoint is in place and never deletes it. Before resuming, the manifest is checked, so a
 truncated or altered file is reported by name instead of failing inside ``torch.load``; ``--resume``
-without a directory takes the newest checkpoint that passes the check.
+without a directory takes the newest checkpoint that passes the check, or starts afresh when there is none.
 
 What a checkpoint holds (transformers writes all but the manifest): the adapter (safetensors); the
 optimizer, LR scheduler and RNG states (``torch.save``: transformers reads them back with
@@ -22,22 +22,26 @@ training data, so that resuming with other data or another seed is refused inste
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 
 from align.cache import fsync
-from align.errors import CheckpointError
+from align.errors import CheckpointError, OutputLockedError
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "align_checkpoint.json"
 TMP_PREFIX = ".tmp-"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+LOCK = "align.lock"
 DERIVED_FIELDS = ("ref_logps",)  # computed from the data and the base model (precompute_ref_logps): not data
 
 
@@ -144,8 +148,10 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
-def last_good_checkpoint(output_dir: str | Path) -> Path:
-    """The newest checkpoint that passes ``verify``; damaged newer ones are reported and passed over."""
+def newest_good_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint that passes ``verify`` (damaged newer ones are reported and passed over), or
+    None when ``output_dir`` has no checkpoint at all. Checkpoints that all fail are an error: a crash never
+    damages one (see above), so something else did, and starting afresh would hide it."""
     problems = []
     for path in reversed(list_checkpoints(output_dir)):
         try:
@@ -156,9 +162,9 @@ def last_good_checkpoint(output_dir: str | Path) -> Path:
             continue
         return path
     if problems:
-        raise CheckpointError(f"no usable checkpoint in {output_dir}: " + "; ".join(problems))
-    raise CheckpointError(f"no checkpoint to resume from in {output_dir} (train without --resume, "
-                          "or give the checkpoint directory: --resume DIR)")
+        raise CheckpointError(f"no usable checkpoint in {output_dir}: " + "; ".join(problems) +
+                              " (resume from a checkpoint directory you trust: --resume DIR, or use a new output_dir)")
+    return None
 
 
 def remove_stale(output_dir: str | Path) -> None:
@@ -187,3 +193,91 @@ def rotate(output_dir: str | Path, limit: int | None, protect: set[Path]) -> Non
         os.replace(path, doomed)
         shutil.rmtree(doomed)
         excess -= 1
+
+
+def _holder(text: str) -> dict:
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        holder = None
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "a run that is starting"
+    return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
+
+
+class OutputLock:
+    """One writer per output directory: ``OUTPUT_DIR/align.lock`` names the run that holds it (pid, host,
+    start time, as JSON) and carries an exclusive ``flock`` for as long as that run lives. The kernel drops a
+    flock when its process ends, however it ends (SIGKILL included), so a lock file without one is stale: the
+    lock of a dead run on this host is taken over, with a warning. A second run refuses with
+    ``OutputLockedError`` naming the holder. A lock written on another host is refused too: whether that run
+    lives cannot be told from here (a flock does not reach across every network file system), so the message
+    says to delete the file once it has ended. Released (the file removed) when the ``with`` block exits; a
+    directory that the lock alone created is removed with it, so a run refused before it wrote anything
+    leaves no trace."""
+
+    def __init__(self, output_dir: str | Path):
+        self.dir = Path(output_dir)
+        self.path = self.dir / LOCK
+        self._fd: int | None = None
+        self._made_dir = False
+
+    def __enter__(self) -> OutputLock:  # noqa: PYI034 (no subclasses)
+        self._made_dir = not self.dir.exists()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = self._open_locked()
+            holder = _holder(os.read(fd, 1 << 16).decode(errors="replace"))
+            if holder and holder.get("host") != socket.gethostname():
+                os.close(fd)
+                raise OutputLockedError(f"{self.dir} is locked by an align run on another host ({_describe(holder)}); "
+                                        f"this host cannot tell whether it still runs: if it has ended, delete "
+                                        f"{self.path}; otherwise choose another output_dir")
+        except BaseException:
+            self._remove_made_dir()
+            raise
+        if holder:
+            logger.warning("%s: taking over the stale lock of %s: that process has ended without releasing it",
+                           self.dir, _describe(holder))
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def _open_locked(self) -> int:
+        """An open descriptor of the lock file, flocked by this process."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(self.path.read_text(errors="replace")) if self.path.exists() else {}
+                os.close(fd)
+                raise OutputLockedError(f"{self.dir} is in use by another align run ({_describe(holder)}): wait for "
+                                        "it to end or stop it, or choose another output_dir") from None
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the holder released the lock (removed the file) between our open and flock: again
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # before the flock goes: a run waiting on this file then retries
+            os.close(self._fd)
+            self._fd = None
+        self._remove_made_dir()
+
+    def _remove_made_dir(self) -> None:
+        if self._made_dir:
+            try:
+                self.dir.rmdir()  # only if empty
+            except OSError:
+                pass

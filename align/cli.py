@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from align.config import parse_overrides
-from align.errors import AlignError, ConfigError
+from align.errors import PREEMPTED_EXIT_CODE, AlignError, ConfigError, Preempted
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "can be overridden on the command line.")
     train.add_argument("--config", help="YAML config (see configs/)")
     train.add_argument("--resume", nargs="?", const=True, default=None,
-                       help="resume from the newest checkpoint in output_dir that passes its integrity check, "
-                       "or from the given checkpoint directory")
+                       help="resume from the newest checkpoint in output_dir that passes its integrity check, or "
+                       "start afresh if there is none (a finished run is not trained again); with DIR, from that "
+                       "checkpoint directory (which must verify)")
     _option(train, "num_processes", type=int, default=1, help="data-parallel processes (accelerate launch)")
     _option(train, "accelerate_config", metavar="FILE",
             help="run under `accelerate launch --config_file FILE` (configs/accelerate/: ddp, fsdp, zero2, zero3)")
@@ -283,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     except AlignError as err:
         print(f"align: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:
+        print(f"align: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ from align, so every package can use it.
 
 from __future__ import annotations
 
+# The exit status of a run that stopped on SIGTERM/SIGINT after saving a checkpoint: EX_TEMPFAIL of
+# sysexits.h ("a temporary failure; the user is invited to retry"). It tells a job script "run the same
+# command again with --resume" apart from success (0), a crash (1), a problem in the input (2) and a process
+# killed before it could save (128 + the signal: 137 for SIGKILL, 143 for an unhandled SIGTERM).
+PREEMPTED_EXIT_CODE = 75
+
 
 class AlignError(Exception):
     """A problem in what the user gave align; the message says where and how to fix it."""
@@ -30,6 +36,19 @@ class CheckpointError(AlignError, RuntimeError):
 
 class NonFiniteError(AlignError, FloatingPointError):
     """A NaN/inf loss or gradient with ``on_nonfinite: stop``; the message says what to do."""
+
+
+class OutputLockedError(AlignError, RuntimeError):
+    """Another run writes to the same output directory; the message names it (pid, host, start time)."""
+
+
+class Preempted(Exception):
+    """Training stopped on a signal (SIGTERM, SIGINT) after its current optimizer step and saved a checkpoint:
+    not a fault, an interruption that ``--resume`` continues. The CLI exits with ``PREEMPTED_EXIT_CODE``."""
+
+    def __init__(self, message: str, checkpoint: str, step: int):
+        super().__init__(message)
+        self.checkpoint, self.step = checkpoint, step
 
 
 class DataError(AlignError, ValueError):

@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {  # test file -> what it injects
     "tests/test_resume.py": "SIGKILL mid-run / mid-checkpoint, then resume",
+    "tests/test_preemption.py": "SIGKILL early, SIGTERM/INT, 2 signals, lock, DDP",
+    "tests/test_preemption_online.py": "SIGTERM/SIGKILL on SmolLM2; vLLM resume",
     "tests/test_checkpoints.py": "corrupt or partial checkpoints, failed saves",
     "tests/test_bad_input.py": "malformed data, configs, models (+ fuzz)",
     "tests/test_numerical_faults.py": "NaN/inf loss and gradients, failing rewards",

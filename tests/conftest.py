@@ -80,3 +80,118 @@ def trained_run(tmp_path_factory, demo_base_dir):
     config.write_text(yaml.safe_dump(TRAINED_RUN))
     assert cli.main(["train", "--config", str(config), "--output_dir", str(root / "out")]) == 0
     return config, root / "out"
+
+
+# A process that imports align once, then forks a child per run: each run is a real process (that is what
+# SIGKILL and SIGTERM hit) without paying the imports again. Commands, one JSON per line on stdin:
+#   {"argv": [...], "out": file, "err": file, hooks...}  -> prints the child's pid
+#   {"wait": pid}                                        -> prints its exit code (-N: killed by signal N)
+# Hooks, each optional:
+#   "dies_writing": suffix      the child writes half of the torch.save file ending in suffix, then SIGKILLs itself
+#   "signal_at_step": [k, sig]  the child sends itself signal sig during optimizer step k + 1 (k steps completed)
+#   "second_signal_writing": suffix  once a SIGTERM has asked the run to stop, the child writes half of the
+#                               torch.save file ending in suffix and sends itself a second SIGTERM (after the
+#                               repeat window, so that it counts as a second signal)
+ZYGOTE = """
+import io, json, os, signal, sys, time, traceback
+import torch
+from align import api, cli
+from align.trainers import base, preemption
+
+def half_write(obj, f, real_save):
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    with open(f, "wb") as out:
+        out.write(buffer.getvalue()[: buffer.tell() // 2])
+        out.flush()
+        os.fsync(out.fileno())
+
+def dying_save(target, real_save):
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith(target):
+            half_write(obj, f, real_save)
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_save(obj, f, *args, **kwargs)
+    return save
+
+def second_signal_save(target, real_save):
+    def save(obj, f, *args, **kwargs):
+        callback = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+        if str(f).endswith(target) and getattr(callback, "signal", None) is not None:
+            half_write(obj, f, real_save)
+            time.sleep(max(0.0, callback.received_at + preemption.REPEAT_WINDOW + 0.05 - time.monotonic()))
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)  # never reached: the second signal ends the process
+        real_save(obj, f, *args, **kwargs)
+    return save
+
+def signalling_loss(step, signum, real_loss):
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if model.training and self.state.global_step == step and not getattr(self, "_test_signalled", False):
+            self._test_signalled = True
+            os.kill(os.getpid(), signum)
+        return real_loss(self, model, inputs, *args, **kwargs)
+    return compute_loss
+
+for line in sys.stdin:
+    job = json.loads(line)
+    if "wait" in job:
+        print(os.waitstatus_to_exitcode(os.waitpid(job["wait"], 0)[1]), flush=True)
+        continue
+    pid = os.fork()
+    if pid:
+        print(pid, flush=True)
+        continue
+    code = 1
+    try:
+        for fd, path in ((1, job["out"]), (2, job["err"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        if job.get("dies_writing"):
+            torch.save = dying_save(job["dies_writing"], torch.save)
+        if job.get("second_signal_writing"):
+            torch.save = second_signal_save(job["second_signal_writing"], torch.save)
+        if job.get("signal_at_step"):
+            base.AlignTrainer.compute_loss = signalling_loss(*job["signal_at_step"], base.AlignTrainer.compute_loss)
+        code = cli.main(job["argv"])
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+"""
+
+
+class Zygote:
+    def __init__(self):
+        import subprocess
+        import sys
+
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+
+    def _ask(self, job: dict) -> int:
+        import json
+
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def start(self, argv: list[str], log_prefix, **hooks) -> int:
+        """Start ``align ARGV`` in a child (stdout and stderr in LOG_PREFIX.out/.err); returns its pid."""
+        return self._ask({"argv": argv, "out": f"{log_prefix}.out", "err": f"{log_prefix}.err", **hooks})
+
+    def wait(self, pid: int) -> int:
+        return self._ask({"wait": pid})
+
+    def close(self):
+        self.proc.kill()  # it holds nothing to flush; a clean interpreter exit only costs time
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def zygote(demo_base_dir):  # the demo base model exists before any child needs it
+    z = Zygote()
+    yield z
+    z.close()

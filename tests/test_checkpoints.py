@@ -4,6 +4,7 @@ good one, and a damaged checkpoint gives a clear error naming the file, never a 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 
@@ -48,9 +49,11 @@ MANIFEST_DAMAGE = {
 
 @pytest.fixture
 def run(trained_run, tmp_path):
-    """A private copy of the session's trained run: (config, output dir)."""
+    """A private copy of the session's trained run, as if stopped after its last checkpoint (no summary.json,
+    which marks a finished run): (config, output dir)."""
     config, out = trained_run
     shutil.copytree(out, tmp_path / "out")
+    (tmp_path / "out" / "summary.json").unlink()
     return config, tmp_path / "out"
 
 
@@ -78,7 +81,7 @@ def test_damaged_file_is_named(run, name, damage, record_property):
     DAMAGE[damage](checkpoint / name)
     with pytest.raises(CheckpointError, match=rf"{name} (is missing|does not match).*resume from another checkpoint"):
         checkpoints.verify(checkpoint)
-    assert checkpoints.last_good_checkpoint(out) == out / "checkpoint-4"  # the previous one is intact
+    assert checkpoints.newest_good_checkpoint(out) == out / "checkpoint-4"  # the previous one is intact
     record_property("data_lost", 0)
 
 
@@ -89,7 +92,7 @@ def test_damaged_manifest_is_named(run, case, record_property):
     damage(out / "checkpoint-8")
     with pytest.raises(CheckpointError, match=message):
         checkpoints.verify(out / "checkpoint-8")
-    assert checkpoints.last_good_checkpoint(out) == out / "checkpoint-4"
+    assert checkpoints.newest_good_checkpoint(out) == out / "checkpoint-4"
     record_property("data_lost", 0)
 
 
@@ -129,11 +132,21 @@ def test_resume_with_no_usable_checkpoint_is_a_clear_error(run, capsys, snapshot
     record_property("data_lost", 0)
 
 
-def test_resume_without_checkpoints_is_a_clear_error(trained_run, tmp_path, capsys):
-    config, _ = trained_run
-    assert cli.main(_argv(config, tmp_path / "new", "--resume")) == 2
-    err = capsys.readouterr().err
-    assert "no checkpoint to resume from" in err and "Traceback" not in err
+def test_resume_without_checkpoints_starts_afresh_and_a_finished_run_is_not_trained_again(trained_run, tmp_path,
+                                                                                         caplog, snapshot):
+    """The same command serves the first start and every restart: ``--resume`` with no checkpoint yet trains
+    from scratch (the same adapter as a run without it); on a finished run it trains nothing and exits 0."""
+    config, reference = trained_run
+    out = tmp_path / "new"
+    caplog.set_level(logging.INFO)
+    assert cli.main(_argv(config, out, "--resume")) == 0
+    assert f"no checkpoint in {out} yet, starting a fresh run" in caplog.text
+    expected, got = load_file(reference / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    before = snapshot(out)
+    assert cli.main(_argv(config, out, "--resume")) == 0
+    assert "holds a finished run (8 steps; summary.json): not training again" in caplog.text
+    assert snapshot(out) == before
 
 
 @pytest.mark.parametrize("override, message", [

@@ -141,7 +141,11 @@ def test_length_grouped_sampler_cuts_padding_and_keeps_randomness():
     assert sorted(epoch1) == list(range(1000)) and sorted(epoch2) == list(range(1000))  # each index once
     assert epoch1 != epoch2  # a new order every epoch
     torch.manual_seed(0)
-    assert list(sampler) == epoch1  # from the global RNG: seeded runs (and resumes) repeat it
+    assert list(sampler) == epoch1  # from the global RNG: seeded runs repeat it
+    seed = sampler.seed  # what a checkpoint in the middle of that epoch records
+    resumed = LengthGroupedSampler(lengths, batch_size=8, resume_seed=seed)
+    torch.manual_seed(1)  # a resumed run's RNG, not the one the epoch began with
+    assert list(resumed) == epoch1 and list(resumed) != epoch1  # that epoch's order, then fresh draws again
     random_order = torch.randperm(1000, generator=gen).tolist()
     assert batch_padding(random_order, lengths, 8) > 0.3  # lengths 20..200: random batches are mostly padding
     assert batch_padding(epoch1, lengths, 8) < 0.05

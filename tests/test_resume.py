@@ -18,8 +18,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -45,89 +43,12 @@ CONFIGS = {
 # The checkpoint file each trainer's second run dies writing (half of it reaches the disk).
 DIES_WRITING = {"cpl": "checkpoint-8/optimizer.pt", "copg": "checkpoint-8/rng_state.pth"}
 
-# A process that imports align once, then forks a child per run: each run is a real process (that is
-# what SIGKILL hits) without paying the imports again. Commands, one JSON per line on stdin:
-#   {"argv": [...], "out": file, "err": file, "dies_writing": suffix | null}  -> prints the child's pid
-#   {"wait": pid}                                                          -> prints its exit code
-# "dies_writing": the child writes half of the torch.save file ending in that suffix, then SIGKILLs itself.
-ZYGOTE = """
-import io, json, os, signal, sys, traceback
-import torch
-from align import api, cli
 
-def dying_save(target, real_save):
-    def save(obj, f, *args, **kwargs):
-        if str(f).endswith(target):
-            buffer = io.BytesIO()
-            real_save(obj, buffer, *args, **kwargs)
-            with open(f, "wb") as out:
-                out.write(buffer.getvalue()[: buffer.tell() // 2])
-                out.flush()
-                os.fsync(out.fileno())
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_save(obj, f, *args, **kwargs)
-    return save
-
-for line in sys.stdin:
-    job = json.loads(line)
-    if "wait" in job:
-        print(os.waitstatus_to_exitcode(os.waitpid(job["wait"], 0)[1]), flush=True)
-        continue
-    pid = os.fork()
-    if pid:
-        print(pid, flush=True)
-        continue
-    code = 1
-    try:
-        for fd, path in ((1, job["out"]), (2, job["err"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        if job["dies_writing"]:
-            torch.save = dying_save(job["dies_writing"], torch.save)
-        code = cli.main(job["argv"])
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-"""
-
-
-class Zygote:
-    def __init__(self):
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
-
-    def _ask(self, job: dict) -> int:
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
-
-    def start(self, argv: list[str], log_prefix, dies_writing: str | None = None) -> int:
-        return self._ask({"argv": argv, "out": f"{log_prefix}.out", "err": f"{log_prefix}.err",
-                          "dies_writing": dies_writing})
-
-    def wait(self, pid: int) -> int:
-        return self._ask({"wait": pid})
-
-    def close(self):
-        self.proc.kill()  # it holds nothing to flush; a clean interpreter exit only costs time
-        self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def zygote(demo_base_dir):  # the demo base model exists before any child needs it
-    z = Zygote()
-    yield z
-    z.close()
-
-
-def _train_argv(config, out) -> list[str]:
+def train_argv(config, out) -> list[str]:
     return ["train", "--config", str(config), "--output_dir", str(out)]
 
 
-def _kill_at_step(pid: int, stdout, step: int, timeout: float = 300) -> None:
+def kill_at_step(pid: int, stdout, step: int, timeout: float = 300) -> None:
     """SIGKILL ``pid`` as soon as its ``stdout`` file shows ``step`` optimizer steps (one log per step)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -140,7 +61,7 @@ def _kill_at_step(pid: int, stdout, step: int, timeout: float = 300) -> None:
         pass
 
 
-def _outcome(out) -> dict:
+def outcome(out) -> dict:
     """Final adapter, per-step log entries and evaluation of a finished run."""
     state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
@@ -149,7 +70,7 @@ def _outcome(out) -> dict:
             "logs": [h for h in state["log_history"] if "loss" in h], "summary": summary}
 
 
-def _assert_same(resumed: dict, reference: dict, why: str) -> None:
+def assert_same(resumed: dict, reference: dict, why: str) -> None:
     assert resumed["adapter"].keys() == reference["adapter"].keys()
     for key, value in reference["adapter"].items():
         assert torch.equal(resumed["adapter"][key], value), f"{why}: adapter tensor {key} differs"
@@ -158,7 +79,7 @@ def _assert_same(resumed: dict, reference: dict, why: str) -> None:
     assert resumed["summary"] == reference["summary"], why
 
 
-def _damaged_checkpoints(out) -> int:
+def damaged_checkpoints(out) -> int:
     """Checkpoints in ``out`` that do not verify: data a crash destroyed (must be none)."""
     bad = 0
     for path in checkpoints.list_checkpoints(out):
@@ -178,10 +99,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(name, tmp_path, zygote, r
     record_property("kill_step", kill_step)
     record_property("cases", 2)  # two runs killed: at a random step, and while writing a checkpoint
     runs = {"random-step": tmp_path / "random-step", "mid-write": tmp_path / "mid-write"}
-    reference = zygote.start(_train_argv(config, tmp_path / "reference"), tmp_path / "reference")
-    killed = zygote.start(_train_argv(config, runs["random-step"]), tmp_path / "random-step")
-    writing = zygote.start(_train_argv(config, runs["mid-write"]), tmp_path / "mid-write", DIES_WRITING[name])
-    _kill_at_step(killed, tmp_path / "random-step.out", kill_step)
+    reference = zygote.start(train_argv(config, tmp_path / "reference"), tmp_path / "reference")
+    killed = zygote.start(train_argv(config, runs["random-step"]), tmp_path / "random-step")
+    writing = zygote.start(train_argv(config, runs["mid-write"]), tmp_path / "mid-write", dies_writing=DIES_WRITING[name])
+    kill_at_step(killed, tmp_path / "random-step.out", kill_step)
     assert zygote.wait(writing) == -signal.SIGKILL
     assert zygote.wait(killed) in (-signal.SIGKILL, 0)  # 0: it finished before the signal arrived
     assert zygote.wait(reference) == 0, (tmp_path / "reference.err").read_text()[-3000:]
@@ -191,16 +112,16 @@ def test_sigkill_then_resume_matches_uninterrupted_run(name, tmp_path, zygote, r
     assert staged.is_dir() and not (runs["mid-write"] / "checkpoint-8").exists()
     assert [p.name for p in checkpoints.list_checkpoints(runs["mid-write"])] == ["checkpoint-4"]
 
-    lost = sum(_damaged_checkpoints(out) for out in runs.values())
+    lost = sum(damaged_checkpoints(out) for out in runs.values())
     record_property("data_lost", lost)
     assert lost == 0
     for out in runs.values():
         assert checkpoints.list_checkpoints(out), f"{out.name}: no checkpoint survived"
-    resumed = {label: zygote.start([*_train_argv(config, out), "--resume"], tmp_path / f"{label}-resumed")
+    resumed = {label: zygote.start([*train_argv(config, out), "--resume"], tmp_path / f"{label}-resumed")
                for label, out in runs.items()}
-    expected = _outcome(tmp_path / "reference")
+    expected = outcome(tmp_path / "reference")
     for label, out in runs.items():
         assert zygote.wait(resumed[label]) == 0, (tmp_path / f"{label}-resumed.err").read_text()[-3000:]
         assert not list(out.glob(checkpoints.TMP_PREFIX + "*")), "the crashed save's leftovers are removed"
-        _assert_same(_outcome(out), expected, f"{name}, killed ({label}, step {kill_step}) and resumed")
+        assert_same(outcome(out), expected, f"{name}, killed ({label}, step {kill_step}) and resumed")
     record_property("wall_s", round(time.monotonic() - start, 1))

@@ -145,6 +145,7 @@ def test_malicious_checkpoint_file_is_not_unpickled(trained_run, tmp_path, capsy
     (an attacker who controls the whole directory): resuming refuses it, nothing runs."""
     config, out = trained_run
     shutil.copytree(out, tmp_path / "out")
+    (tmp_path / "out" / "summary.json").unlink()  # not a finished run: --resume resumes it
     checkpoint, marker = tmp_path / "out" / "checkpoint-8", tmp_path / "code-ran"
     (checkpoint / "optimizer.pt").write_bytes(pickle.dumps({"state": _RunsCode(marker)}, protocol=2))  # as torch.save
     checkpoints.write_manifest(checkpoint, checkpoints.verify(out / "checkpoint-8"))

@@ -59,15 +59,21 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     little padding: a random permutation, cut into mega-batches of up to 50 batches, each sorted by
     length (transformers' ``get_length_grouped_indices``). ``batch_size`` is the global batch (every
     process, every accumulation step): N processes x batch b then train on the rows of 1 x batch N*b.
-    Like ``RandomSampler``, each epoch draws its seed from the global torch RNG (seeded runs and resumes
-    repeat the same order)."""
+    Like ``RandomSampler``, each epoch draws its seed from the global torch RNG (seeded runs repeat the same
+    order). A run resumed in the middle of an epoch cannot draw that seed again (the RNG then is not what it was
+    when the epoch began), so it passes the seed the checkpoint recorded (``seed``, the current epoch's) as
+    ``resume_seed``, used for the first epoch only."""
 
-    def __init__(self, lengths: list[int], batch_size: int):
+    def __init__(self, lengths: list[int], batch_size: int, resume_seed: int | None = None):
         self.lengths, self.batch_size = lengths, batch_size
+        self.seed, self._resume_seed = None, resume_seed
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        self.seed = int(torch.empty((), dtype=torch.int64).random_().item()) if self._resume_seed is None \
+            else self._resume_seed
+        self._resume_seed = None
+        generator = torch.Generator().manual_seed(self.seed)
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))

@@ -26,12 +26,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from align import checkpoints
 from align.data import ExampleDataset, GroupCollator, LengthGroupedSampler, padded_length
-from align.errors import ConfigError, NonFiniteError
+from align.errors import ConfigError, NonFiniteError, Preempted
 from align.models import REFERENCE_FILE, base_weights_modified, freeze_reference, completion_logps, disable_dropout, load_policy, reference_snapshot, reference_completion_logps, sequence_logps
 from align.rewards import RewardFunction
 from align.sampling import Sampler, SamplingParams, derive_seed
 from align.tasks import Task, is_task
 from align.trainers.config import AlignConfig
+from align.trainers.preemption import PreemptionCallback
 from align.trainers.reference import cached_reference_logps
 from align.trainers.rollout import rollout
 
@@ -106,9 +107,13 @@ class AlignTrainer(Trainer):
                          processing_class=processing_class, data_collator=GroupCollator(processing_class.pad_token_id),
                          callbacks=callbacks)
         self.add_callback(NonFiniteGuard(self))
+        self.preemption = PreemptionCallback(self)
+        self.add_callback(self.preemption)
         self.nonfinite_steps = 0
         self.nonfinite_loss = False  # set by compute_loss, read by NonFiniteGuard before the optimizer step
         self._staging: str | None = None  # where the checkpoint being saved is written (see _save_checkpoint)
+        self._length_sampler: LengthGroupedSampler | None = None  # the training order (group_by_length)
+        self._resume_epoch_seed: int | None = None  # its seed for the epoch a resumed run continues
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     # --- what a trainer declares ------------------------------------------------------------------
@@ -133,8 +138,10 @@ class AlignTrainer(Trainer):
         if self.args.online:  # a prompt's length says little about its batch's (sampled) length
             return torch.utils.data.RandomSampler(dataset)
         a = self.args
-        return LengthGroupedSampler([padded_length(dataset[i]) for i in range(len(dataset))],
-                                    a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps)
+        self._length_sampler = LengthGroupedSampler([padded_length(dataset[i]) for i in range(len(dataset))],
+                                                    a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps,
+                                                    resume_seed=self._resume_epoch_seed)
+        return self._length_sampler
 
     # --- the loss -----------------------------------------------------------------------------------
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -172,16 +179,32 @@ class AlignTrainer(Trainer):
 
     # --- checkpoints (see align.checkpoints) ---------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """``resume_from_checkpoint``: a checkpoint directory (strict), or True: the newest checkpoint of
+        ``output_dir`` that verifies, or a fresh start when there is none. Raises ``Preempted`` after a
+        SIGTERM/SIGINT stopped training at a step end and saved its checkpoint (``PreemptionCallback``)."""
         if resume_from_checkpoint is True:  # the newest checkpoint that verifies, not merely the newest
-            resume_from_checkpoint = str(checkpoints.last_good_checkpoint(self.args.output_dir))
+            found = checkpoints.newest_good_checkpoint(self.args.output_dir)
+            if found is None:
+                logger.info("--resume: no checkpoint in %s yet, starting a fresh run", self.args.output_dir)
+            else:
+                logger.info("--resume: resuming from %s", found)
+            resume_from_checkpoint = found and str(found)
         if resume_from_checkpoint:
             self._restore(resume_from_checkpoint)
         try:
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         except pickle.UnpicklingError:  # transformers' torch.load(weights_only=True) refused a file
             raise checkpoints.CheckpointError(
                 f"{resume_from_checkpoint}: a file holds objects other than tensors and was not loaded; such a "
                 "file can run code when unpickled: resume only from checkpoints you trust") from None
+        finally:
+            self.preemption.uninstall()
+        step = self.preemption.stopped_at
+        if step is not None:
+            checkpoint = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            raise Preempted(f"stopped on a signal after step {step} of {self.state.max_steps}, checkpoint saved in "
+                            f"{checkpoint}: run the same command with --resume to continue", str(checkpoint), step)
+        return result
 
     def _get_output_dir(self, trial) -> str:
         return self._staging or super()._get_output_dir(trial)
@@ -239,9 +262,13 @@ class AlignTrainer(Trainer):
 
     def _resume_state(self) -> dict:
         """What resuming needs beyond transformers' files: align's counters, and what fixes the data
-        order and the on-policy sampling seeds (the seeds and the training data)."""
+        order and the on-policy sampling seeds (the seeds and the training data; in the middle of an epoch,
+        the seed of its length-grouped order, which a resumed run cannot draw again)."""
+        mid_epoch = (self.state.epoch or 0) % 1 != 0
+        sampler = self._length_sampler
         return {"nonfinite_steps": self.nonfinite_steps, "seed": self.args.seed, "data_seed": self.args.data_seed,
-                "train_data": checkpoints.data_fingerprint(self.train_dataset)}
+                "train_data": checkpoints.data_fingerprint(self.train_dataset),
+                "epoch_seed": sampler.seed if sampler is not None and mid_epoch else None}
 
     def _restore(self, checkpoint: str) -> dict:
         """Verify ``checkpoint`` against its manifest and this run, and take back align's counters
@@ -254,6 +281,7 @@ class AlignTrainer(Trainer):
                                                   "continue the same run; use the original settings and data, or a "
                                                   "new output_dir")
         self.nonfinite_steps = saved["nonfinite_steps"]
+        self._resume_epoch_seed = saved.get("epoch_seed")
         if (Path(checkpoint) / REFERENCE_FILE).exists():
             freeze_reference(self.model, load_file(Path(checkpoint) / REFERENCE_FILE))
         return saved
