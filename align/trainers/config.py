@@ -38,6 +38,7 @@ class AlignConfig(TrainingArguments):
     max_prompt_length: int = field(default=512, metadata={"help": "Max prompt tokens; longer prompts keep their last tokens."})
     on_bad_row: Literal["error", "skip"] = field(default="error", metadata={"help": "error: stop at the first bad row (file, row, field named); skip: drop and count."})
     length_normalize: bool = field(default=False, metadata={"help": "Average instead of sum token log-probs per completion."})
+    padding_free: bool | None = field(default=None, metadata={"help": "Padding-free batches: each batch's sequences concatenated into one row with position ids restarting at 0 per sequence (block-diagonal causal attention; varlen flash attention on a GPU), so no pad token is computed; log-probs, rewards and gradients equal the padded batch's. Used only where a probe of the model finds it exact (not ALiBi models, e.g. BLOOM), else padded batches (logged). null = auto: packed where it is faster (see README, Performance)."})
     precompute_ref_logps: bool = field(default=False, metadata={"help": "Offline: compute the reference log-probs of the dataset once before training (cached in $ALIGN_CACHE/ref_logps) instead of a reference forward every step."})
     # --- on-policy sampling (online training) -------------------------------------------------
     online: bool = field(default=False, metadata={"help": "Sample completions from the current policy every step and score them with `reward`."})

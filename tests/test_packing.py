@@ -1,0 +1,111 @@
+"""Padding-free (packed) batches: the same log-probs, rewards, losses and gradients as padded batches, on
+several architectures; models that do not pack exactly are detected and fall back to padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from trl.trainer import add_fused_lm_head
+
+from align.data import concat_rows
+from align.hf_utils import forward_rows, packing_exact
+from align.models import completion_logps, sequence_logps, wrap_lora
+from align.objectives import bradley_terry_loss
+from align.rewards.model import reward_forward
+
+VOCAB = 40
+SIZES = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+CONFIGS = {
+    "llama": lambda: T.LlamaConfig(**SIZES, num_key_value_heads=2),
+    "qwen2": lambda: T.Qwen2Config(**SIZES, num_key_value_heads=2),
+    "qwen2_sliding": lambda: T.Qwen2Config(**SIZES, num_key_value_heads=2, use_sliding_window=True,
+                                           sliding_window=4, max_window_layers=0),
+    "gpt_neox": lambda: T.GPTNeoXConfig(**SIZES),
+}
+# Rows of one batch: unequal prompts and completions (one prompt of a single token), so that rows need padding.
+PROMPTS = [[1, 5, 6], [1, 7], [1], [1, 8, 9, 10, 11]]
+COMPLETIONS = [[12, 13, 2], [14, 15, 16, 17, 18, 2], [19, 20], [21, 2]]
+
+
+def build(arch: str, head: str = "causal", seed: int = 0) -> torch.nn.Module:
+    config = CONFIGS[arch]()
+    config.pad_token_id = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if head == "causal":
+            model = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            add_fused_lm_head(model)
+            model = wrap_lora(model, r=4, alpha=8, init="gaussian")
+        else:
+            config.num_labels = 1
+            model = T.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+            model = wrap_lora(model, r=4, alpha=8, init="gaussian", modules_to_save=["score"], task_type="SEQ_CLS")
+    return model.train()
+
+
+def batch() -> dict:
+    return concat_rows(PROMPTS, COMPLETIONS, pad_token_id=0)
+
+
+def grads(model) -> list[torch.Tensor]:
+    out = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_packed_logps_loss_and_gradients_equal_padded(arch):
+    model = build(arch)
+    b = batch()
+    results = []
+    for packed in (False, True):
+        token = completion_logps(model, **b, packed=packed)
+        seq = sequence_logps(token, b["completion_mask"]).view(-1, 2)
+        loss = bradley_terry_loss(seq[:, 0], seq[:, 1]).mean()  # a pair loss over the rows' log-probs
+        loss.backward()
+        results.append((token.detach(), loss.detach(), grads(model)))
+    (token_a, loss_a, grads_a), (token_b, loss_b, grads_b) = results
+    assert (token_a != 0).sum() == b["completion_mask"][:, 1:].sum()  # every completion token scored
+    torch.testing.assert_close(token_b, token_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=0)
+    assert len(grads_a) == len(grads_b) > 0
+    for g_a, g_b in zip(grads_a, grads_b):
+        torch.testing.assert_close(g_b, g_a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_packed_rewards_features_and_gradients_equal_padded(arch):
+    model = build(arch, head="classification")
+    b = batch()
+    results = []
+    for packed in (False, True):
+        rewards, features = reward_forward(model, b["input_ids"], b["attention_mask"], features=True, packed=packed)
+        rewards.view(-1, 2).diff(dim=1).sum().backward()
+        results.append((rewards.detach(), features.detach(), grads(model)))
+    (r_a, f_a, g_a), (r_b, f_b, g_b) = results
+    assert r_a.std() > 0
+    torch.testing.assert_close(r_b, r_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(f_b, f_a, atol=1e-5, rtol=0)
+    for x, y in zip(g_a, g_b):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_row_layout():
+    b = batch()
+    model = build("llama")
+    inputs, index = forward_rows(model, b["input_ids"], b["attention_mask"], packed=True)
+    lengths = [len(p) + len(c) for p, c in zip(PROMPTS, COMPLETIONS)]
+    assert inputs["input_ids"][0].tolist() == [t for p, c in zip(PROMPTS, COMPLETIONS) for t in p + c]
+    assert inputs["position_ids"][0].tolist() == [i for n in lengths for i in range(n)]
+    assert "attention_mask" not in inputs and inputs["use_cache"] is False
+    assert index[1, : lengths[1]].tolist() == list(range(lengths[0], lengths[0] + lengths[1]))
+
+
+def test_probe_accepts_position_id_models_and_refuses_alibi(caplog):
+    assert packing_exact(build("llama")) and packing_exact(build("gpt_neox"))
+    bloom = T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4))
+    with caplog.at_level("WARNING"):
+        assert not packing_exact(bloom)
+        assert not packing_exact(bloom)  # the probe's answer is kept: warned once
+    assert sum("does not compute packed sequences" in r.message for r in caplog.records) == 1
