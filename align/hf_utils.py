@@ -69,6 +69,12 @@ def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str, *, finished
     return ids + [eos] if finished else ids
 
 
+def varlen_attention(model: torch.nn.Module) -> bool:
+    """Whether the model attends with flash attention, whose varlen kernel attends within each packed sequence
+    (sdpa and eager compute the whole L x L block-diagonal mask of a packed row)."""
+    return "flash" in str(getattr(unwrap_model(model).config, "_attn_implementation", ""))
+
+
 def forward_rows(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                  packed: bool) -> tuple[dict, torch.Tensor]:
     """The model inputs of a batch of (N, T) rows, and where each row's token (r, t) sits in the flattened
@@ -88,7 +94,7 @@ def forward_rows(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     index = mask.flatten().cumsum(0).view(mask.shape) - 1
     inputs = {"input_ids": input_ids[mask].unsqueeze(0), "position_ids": (mask.cumsum(-1) - 1)[mask].unsqueeze(0),
               "use_cache": False}
-    if "flash" in str(getattr(unwrap_model(model).config, "_attn_implementation", "")):
+    if varlen_attention(model):
         lengths = mask.sum(-1)
         cu_seq_lens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         inputs |= {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,

@@ -8,11 +8,13 @@ import torch
 import transformers as T
 from trl.trainer import add_fused_lm_head
 
-from align.data import concat_rows
+from align import api
+from align.data import build_dataset, concat_rows
 from align.hf_utils import forward_rows, packing_exact
-from align.models import completion_logps, sequence_logps, wrap_lora
+from align.models import completion_logps, load_tokenizer, sequence_logps, wrap_lora
 from align.objectives import bradley_terry_loss
 from align.rewards.model import reward_forward
+from align.trainers.reward import RewardConfig, RewardTrainer
 
 VOCAB = 40
 SIZES = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
@@ -109,3 +111,71 @@ def test_probe_accepts_position_id_models_and_refuses_alibi(caplog):
         assert not packing_exact(bloom)
         assert not packing_exact(bloom)  # the probe's answer is kept: warned once
     assert sum("does not compute packed sequences" in r.message for r in caplog.records) == 1
+
+
+DEMO = {"model": "builtin:demo", "dataset": "builtin:demo", "lora_r": 4, "lora_alpha": 8, "save_strategy": "no",
+        "report_to": "none", "disable_tqdm": True, "seed": 0, "lora_init": "gaussian"}
+ONLINE = {"online": True, "reward": "builtin:demo", "num_generations": 3}
+
+
+@pytest.mark.parametrize("trainer,options", [
+    ("cpl", {}), ("cpl", {"use_reference": True}), ("dpo", {}), ("dpo", {"loss_type": "ipo", "length_normalize": True}),
+    ("copg", {}), ("grpo", ONLINE | {"beta": 0.1}), ("rloo", ONLINE | {"beta": 0.1}),
+])
+def test_trainer_losses_and_gradients_packed_equal_padded(trainer, options, tmp_path, demo_base_dir):
+    """Each policy trainer's loss on one batch (offline pairs, or a sampled group of 3 as rollouts give it) and its
+    gradient, with padding-free batches and without: the reference forward (per token for GRPO/RLOO) included."""
+    t = api.build_trainer(api.make_config(DEMO | options | {"trainer": trainer, "output_dir": str(tmp_path)}))
+    k = options.get("num_generations", 2)
+    gen = torch.Generator().manual_seed(0)
+    vocab = len(t.processing_class)
+
+    def ids(n):
+        return torch.randint(8, vocab, (n,), generator=gen).tolist()
+
+    examples = [{"prompt_ids": [1] + ids(1 + 3 * i), "completion_ids": [ids(2 + (5 * i + j) % 7) for j in range(k)],
+                 "scores": [float(k - j) for j in range(k)]} for i in range(3)]
+    batch = t.data_collator(examples)
+    results = []
+    for packed in (False, True):
+        t._packed = packed
+        losses, metrics = t.loss(t.model, dict(batch))
+        losses.mean().backward()
+        results.append((losses.detach(), grads(t.model)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=0)
+    assert len(grads_a) == len(grads_b) > 0 and any(g.abs().max() > 0 for g in grads_a)
+    for g_a, g_b in zip(grads_a, grads_b):
+        torch.testing.assert_close(g_b, g_a, atol=1e-5, rtol=1e-5)
+
+
+def test_reward_trainer_loss_and_gradients_packed_equal_padded(tmp_path, tiny_lm_dir):
+    config = RewardConfig(output_dir=str(tmp_path), lora_r=4, lora_alpha=8, report_to="none", seed=0)
+    tokenizer = load_tokenizer(str(tiny_lm_dir))
+    model = RewardTrainer.load_model(config, str(tiny_lm_dir), tokenizer)
+    rows = [{"prompt": "good day " * (i + 1), "chosen": "nice " * (2 * i + 1), "rejected": "bad awful " * (3 - i)}
+            for i in range(3)]
+    data = build_dataset(rows, tokenizer, source="test", kinds=("pairs",))
+    t = RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    batch = t.data_collator([data[i] for i in range(len(data))])
+    results = []
+    for packed in (False, True):
+        t._packed = packed
+        losses, _ = t.loss(t.model, dict(batch))
+        losses.mean().backward()
+        results.append((losses.detach(), grads(t.model)))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
+    for g_a, g_b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g_b, g_a, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_free_setting_and_auto(tmp_path, tiny_lm_dir):
+    """true packs (the probe passes on Llama), false pads; auto packs only with varlen flash attention."""
+    for setting, expected in ((True, True), (False, False), (None, False)):
+        config = RewardConfig(output_dir=str(tmp_path), lora_r=4, lora_alpha=8, report_to="none", padding_free=setting)
+        tokenizer = load_tokenizer(str(tiny_lm_dir))
+        data = build_dataset([{"prompt": "good", "chosen": "nice", "rejected": "bad"}], tokenizer, source="test",
+                             kinds=("pairs",))
+        t = RewardTrainer(model=RewardTrainer.load_model(config, str(tiny_lm_dir), tokenizer), args=config,
+                          train_dataset=data, processing_class=tokenizer)
+        assert t.packed(t.model) is expected

@@ -27,7 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from align import checkpoints
 from align.data import ExampleDataset, GroupCollator, LengthGroupedSampler, padded_length
 from align.errors import ConfigError, NonFiniteError
-from align.hf_utils import packing_exact
+from align.hf_utils import packing_exact, varlen_attention
 from align.models import REFERENCE_FILE, base_weights_modified, freeze_reference, completion_logps, disable_dropout, load_policy, reference_snapshot, reference_completion_logps, sequence_logps
 from align.rewards import RewardFunction
 from align.sampling import Sampler, SamplingParams, derive_seed
@@ -37,8 +37,6 @@ from align.trainers.reference import cached_reference_logps
 from align.trainers.rollout import rollout
 
 logger = logging.getLogger(__name__)
-
-PADDING_FREE_AUTO = True  # padding_free: null (auto)
 
 
 class LogProbs:
@@ -145,9 +143,11 @@ class AlignTrainer(Trainer):
         """Whether batches run padding-free (``padding_free``, where ``model`` computes them exactly)."""
         if self._packed is None:
             wanted = self.args.padding_free
-            if wanted is None:
-                wanted = PADDING_FREE_AUTO
-            self._packed = bool(wanted) and packing_exact(model)
+            if wanted is None:  # auto: packed where attention costs what each sequence alone would (README)
+                wanted = varlen_attention(model)
+                logger.info("padding_free auto: %s batches (%s attention)", "packed" if wanted else "padded",
+                            "varlen flash" if wanted else "no varlen flash")
+            self._packed = wanted and packing_exact(model)
         return self._packed
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
