@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py [--repeats 2] [--steps 4] [--warmup 1] [--json bench_train.json]
     python scripts/bench_train.py --sweep [--json sweep.json]     # how align's step grows (README, scaling)
+    python scripts/bench_train.py --padding-free compare [--only align_cpl align_reward]   # packed / padded
 
 Every trainer trains the same locally built Llama (42M parameters, weights from a config and a seed) with a LoRA
 adapter (r=16, all linear layers, no gradient checkpointing) on the same synthetic scored preference pairs (prompt
@@ -207,7 +208,9 @@ def build_trainer(name: str, args, workdir: str):
         config = api.make_config({"trainer": kind, "model": model_dir, "dataset": data_path, "lora_r": LORA["r"],
                                   "lora_alpha": LORA["alpha"], "max_length": MAX_LENGTH,
                                   "max_prompt_length": MAX_PROMPT_LENGTH, **extra.get(kind, {}), **common,
-                                  "precompute_ref_logps": name.endswith("_precomputed")})
+                                  "precompute_ref_logps": name.endswith("_precomputed"),
+                                  "train_sampling_strategy": args.sampling,
+                                  "padding_free": PADDING_FREE[args.padding_free]})
         os.environ["ALIGN_CACHE"] = workdir  # a fresh cache: the precomputation is timed, not read from disk
         start = time.perf_counter()
         trainer = api.build_trainer(config)
@@ -369,7 +372,9 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-WORKER_ARGS = ("steps", "warmup", "rows", "batch", "threads", "device", "seed", "completion_tokens", "k", "hidden", "layers")
+WORKER_ARGS = ("steps", "warmup", "rows", "batch", "threads", "device", "seed", "completion_tokens", "k", "hidden", "layers",
+               "sampling", "padding_free")
+PADDING_FREE = {"auto": None, "true": True, "false": False}  # --padding-free -> align's padding_free
 
 
 def step_flops(hidden: int, layers: int, rows: int, padded_tokens: float, completion_tokens: float) -> float:
@@ -405,6 +410,27 @@ def sweep(args) -> dict:
     return {"sweep": rows}
 
 
+def padding_compare(args, names: list[str]) -> dict:
+    """align's runs with padded and with padding-free batches (``padding_free`` false, true), each pair in the
+    same round (in reverse order every other round): the median over rounds of packed / padded tokens/s and
+    peak step tensor memory."""
+    rows = []
+    for name in names:
+        rounds = []
+        for r in range(args.repeats):
+            settings = ("false", "true") if r % 2 == 0 else ("true", "false")
+            rounds.append({s: measure(name, args, padding_free=s) for s in settings})
+        ratio = statistics.median(m["true"]["tokens_per_s"] / m["false"]["tokens_per_s"] for m in rounds)
+        mem = statistics.median(m["true"]["step_tensor_mb"] / m["false"]["step_tensor_mb"] for m in rounds)
+        padded, packed = (statistics.median(m[s]["tokens_per_s"] for m in rounds) for s in ("false", "true"))
+        rows.append({"name": name, "padded_tokens_per_s": padded, "packed_tokens_per_s": packed,
+                     "packed_vs_padded": ratio, "packed_vs_padded_step_mem": mem,
+                     "pad_fraction": rounds[0]["false"]["pad_fraction"], "rounds": rounds})
+        print(f"{name:21s} padded {padded:8.1f} tok/s  packed {packed:8.1f} tok/s  packed/padded {ratio:.3f}  "
+              f"step tensors {mem:.3f}  pad {rows[-1]['pad_fraction']:.2f}", flush=True)
+    return {"padding_compare": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="rounds; every trainer runs once per round")
@@ -421,6 +447,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=list(RUNS), help="a subset of the runs")
     parser.add_argument("--sweep", action="store_true", help="the scaling sweep of offline CoPG instead (SWEEP)")
+    parser.add_argument("--padding-free", choices=[*PADDING_FREE, "compare"], default="auto",
+                        help="align's padding_free; compare: each align run padded and packed (padding_compare)")
+    parser.add_argument("--sampling", choices=["group_by_length", "random"], default="group_by_length",
+                        help="align's batch order (train_sampling_strategy; TRL's stays its default): random batches carry more padding")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and ratios as JSON")
     parser.add_argument("--worker", choices=list(RUNS), help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=["time", "memory"], help=argparse.SUPPRESS)
@@ -445,6 +475,12 @@ def main() -> None:
         n for n in available_runs() if not n.endswith("_precomputed")]
     if args.k != 2:
         names = [n for n in names if RUNS[n][1] in ("cpl", "copg")]
+    if args.padding_free == "compare":
+        result = padding_compare(args, [n for n in names if RUNS[n][0] == "align"])
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return
     start, rounds, load_before = time.perf_counter(), [], os.getloadavg()
     for r in range(args.repeats):
         order = names if r % 2 == 0 else names[::-1]  # A B B A: a steady drift in load cancels out

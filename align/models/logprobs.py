@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 import trl.trainer.utils as trl_utils
 
-from align.hf_utils import unwrap_model
+from align.hf_utils import forward_rows, unwrap_model
 from align.models.reference import reference_policy
 
 # Vocabulary width of the fused head's tiles off CUDA. TRL projects [tokens, 32768] tiles; on CUDA its Triton
@@ -22,6 +22,8 @@ def completion_logps(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
+    *,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Per-token log-probs (N, T-1) of the completion tokens, 0 elsewhere, in fp32.
 
@@ -30,19 +32,22 @@ def completion_logps(
     completion token reach the head: a hook keeps just those hidden states, as one row scored with
     pre-shifted labels. (TRL's head compacts them itself on Triton devices only; on a CPU it would
     also project every prompt and pad position: ~1.7x the head's time and memory here.)
-    Rows are right-padded ``prompt + completion`` (``completion_mask`` 1 on completion tokens).
+    Rows are right-padded ``prompt + completion`` (``completion_mask`` 1 on completion tokens); with
+    ``packed`` the forward runs on their tokens alone, concatenated (``align.hf_utils.forward_rows``),
+    and gives the same log-probs.
     """
     scored = completion_mask[:, 1:].bool()  # position t predicts token t + 1
+    inputs, index = forward_rows(model, input_ids, attention_mask, packed=packed)
+    positions = index[:, :-1][scored]
 
     def keep_scored(module, args, output):
-        output.last_hidden_state = output.last_hidden_state[:, :-1][scored].unsqueeze(0)
+        output.last_hidden_state = output.last_hidden_state.flatten(0, 1)[positions].unsqueeze(0)
         return output
 
     hook = _backbone(model).register_forward_hook(keep_scored)
     try:
         with _vocab_tile(input_ids.device):
-            out = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head=True,
-                        shift_labels=input_ids[:, 1:][scored].unsqueeze(0))
+            out = model(**inputs, fused_lm_head=True, shift_labels=input_ids[:, 1:][scored].unsqueeze(0))
     finally:
         hook.remove()
     return torch.zeros(scored.shape, device=scored.device).masked_scatter(scored, out.log_probs[0].float())
@@ -65,11 +70,11 @@ def _backbone(model: torch.nn.Module) -> torch.nn.Module:
     return unwrap_model(model).base_model
 
 
-def reference_completion_logps(model: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:
+def reference_completion_logps(model: torch.nn.Module, *, packed: bool = False, **batch: torch.Tensor) -> torch.Tensor:
     """Per-token log-probs under the reference policy (``align.models.reference``): the same model with its
     adapter disabled, or with a frozen adapter snapshot swapped in."""
     with torch.no_grad(), reference_policy(model):
-        return completion_logps(model, **batch)
+        return completion_logps(model, **batch, packed=packed)
 
 
 def sequence_logps(token_logps: torch.Tensor, completion_mask: torch.Tensor, *, length_normalize: bool = False):

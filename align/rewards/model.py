@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from align.errors import RewardError
-from align.hf_utils import DTYPES, encode_completion, encode_prompt, ensure_pad_token, unwrap_model
+from align.hf_utils import DTYPES, encode_completion, encode_prompt, ensure_pad_token, forward_rows, unwrap_model
 
 INFO_FILE = "reward_model.json"
 HEAD_NAMES = ("score", "classifier")  # decoder LMs name the head `score`; encoders `classifier`
@@ -52,9 +52,11 @@ def load_reward_backbone(name_or_path: str, *, pad_token_id: int, dtype: str = "
 
 
 def reward_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                   features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   features: bool = False, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rewards (N,) of right-padded rows, and with ``features`` the hidden states (N, D) that feed the
     head at the same positions (the representations of the contrastive loss, Wang et al. 2024 §3.1).
+    With ``packed`` the rows' tokens run as one padding-free row (``align.hf_utils.forward_rows``), each
+    reward read at the last token of its sequence: the same rewards.
 
     The head's input and output are read with a forward hook: HF pools at the last token that is not
     the pad id, which is wrong when pad == EOS (the completion's EOS would be skipped).
@@ -65,15 +67,16 @@ def reward_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     def keep(module, args, output):
         seen["hidden"], seen["scores"] = args[0], output
 
+    inputs, index = forward_rows(model, input_ids, attention_mask, packed=packed)
     handle = head.register_forward_hook(keep)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(**inputs)
     finally:
         handle.remove()
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    last = attention_mask.sum(-1) - 1
-    rewards = seen["scores"][rows, last, 0].float()
-    return rewards, (seen["hidden"][rows, last] if features else None)
+    last = index[rows, attention_mask.sum(-1) - 1]
+    rewards = seen["scores"].flatten(0, 1)[last, 0].float()
+    return rewards, (seen["hidden"].flatten(0, 1)[last] if features else None)
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, *, max_length: int,

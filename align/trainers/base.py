@@ -27,6 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from align import checkpoints
 from align.data import ExampleDataset, GroupCollator, LengthGroupedSampler, padded_length
 from align.errors import ConfigError, NonFiniteError, Preempted
+from align.hf_utils import packing_exact, varlen_attention
 from align.models import REFERENCE_FILE, base_weights_modified, freeze_reference, completion_logps, disable_dropout, load_policy, reference_snapshot, reference_completion_logps, sequence_logps
 from align.rewards import RewardFunction
 from align.sampling import Sampler, SamplingParams, derive_seed
@@ -111,6 +112,7 @@ class AlignTrainer(Trainer):
         self.add_callback(self.preemption)
         self.nonfinite_steps = 0
         self.nonfinite_loss = False  # set by compute_loss, read by NonFiniteGuard before the optimizer step
+        self._packed: bool | None = None  # padding-free batches, decided at the first forward (see packed)
         self._staging: str | None = None  # where the checkpoint being saved is written (see _save_checkpoint)
         self._length_sampler: LengthGroupedSampler | None = None  # the training order (group_by_length)
         self._resume_epoch_seed: int | None = None  # its seed for the epoch a resumed run continues
@@ -144,6 +146,17 @@ class AlignTrainer(Trainer):
         return self._length_sampler
 
     # --- the loss -----------------------------------------------------------------------------------
+    def packed(self, model) -> bool:
+        """Whether batches run padding-free (``padding_free``, where ``model`` computes them exactly)."""
+        if self._packed is None:
+            wanted = self.args.padding_free
+            if wanted is None:  # auto: packed where attention costs what each sequence alone would (README)
+                wanted = varlen_attention(model)
+                logger.info("padding_free auto: %s batches (%s attention)", "packed" if wanted else "padded",
+                            "varlen flash" if wanted else "no varlen flash")
+            self._packed = wanted and packing_exact(model)
+        return self._packed
+
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Per-prompt losses (B,) and a dict of scalar metrics for one batch."""
         raise NotImplementedError
@@ -399,14 +412,15 @@ class PolicyTrainer(AlignTrainer):
         if self.uses_reference:
             ref_logps = batch.get("ref_logps")
             if ref_logps is None:
-                ref_token = reference_completion_logps(self.accelerator.unwrap_model(model), **forward)
+                ref_token = reference_completion_logps(self.accelerator.unwrap_model(model), **forward,
+                                                       packed=self.packed(model))
                 ref_logps = sequence_logps(ref_token, batch["completion_mask"],
                                            length_normalize=self.args.length_normalize).view(-1, k)
                 if self.token_reference:
                     batch["ref_token_logps"] = ref_token
         # the policy forward after the reference's: a frozen reference adapter is swapped in and out of the
         # weights, which must not change while the policy's graph is alive
-        logps = LogProbs(completion_logps(model, **forward), batch["completion_mask"], k, self.args.length_normalize)
+        logps = LogProbs(completion_logps(model, **forward, packed=self.packed(model)), batch["completion_mask"], k, self.args.length_normalize)
         return self.objective(logps, ref_logps, batch)
 
     def log_ratio_metrics(self, logps: LogProbs, ref_logps: torch.Tensor) -> dict:

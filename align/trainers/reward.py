@@ -261,7 +261,8 @@ class RewardTrainer(AlignTrainer):
         contrast = self.args.contrastive != "none" and model.training
         n_views = 2 if contrast else 1  # both dropout views in one forward (DDP allows one per backward)
         rewards, features = reward_forward(model, inputs["input_ids"].repeat(n_views, 1),
-                                           inputs["attention_mask"].repeat(n_views, 1), features=contrast)
+                                           inputs["attention_mask"].repeat(n_views, 1), features=contrast,
+                                           packed=self.packed(model))
         rewards = rewards.view(n_views, -1, 2)
         losses = torch.stack([self.bt_losses(r[:, 0], r[:, 1], inputs) for r in rewards]).mean(0)
         metrics = reward_metrics(rewards[0], inputs, self.strength_edges)
@@ -301,7 +302,7 @@ class RewardTrainer(AlignTrainer):
         model.train()
         with self.compute_loss_context_manager():
             rewards, _ = reward_forward(self.accelerator.unwrap_model(model), batch["input_ids"].to(self.args.device),
-                                        batch["attention_mask"].to(self.args.device))
+                                        batch["attention_mask"].to(self.args.device), packed=self.packed(model))
         difference = metarm_difference(rewards.view(-1, batch["group_size"])).mean()
         grads = [(p, g) for p, g in zip(params, torch.autograd.grad(difference, params, allow_unused=True))
                  if g is not None]
