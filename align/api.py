@@ -16,7 +16,7 @@ from align.errors import ConfigError, DataError
 from align.models import check_vocab, load_causal_lm, load_tokenizer, resolve_model
 from align.rewards import load_reward, score
 from align.sampling import HFSampler
-from align.trainers import TRAINERS, AlignConfig
+from align.trainers import TRAINERS, AlignConfig, PolicyTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ def make_config(values: dict, source: str = "config") -> AlignConfig:
     name = values.pop("trainer", None)
     if name not in TRAINERS:
         raise ConfigError(f"{source}: key 'trainer' must be one of {', '.join(TRAINERS)}, got {name!r}")
+    if values.get("eval_steps") and "eval_strategy" not in values:  # eval_steps alone asks for evaluation
+        values["eval_strategy"] = "steps"
     return build_config(TRAINERS[name].config_class, values, source)
 
 
@@ -111,21 +113,53 @@ def build_trainer(config: AlignConfig):
     model = trainer_cls.load_model(config, path, tokenizer)
     check_vocab(model, tokenizer, path)
 
-    def dataset(source: str) -> ExampleDataset:
-        raw = rows[source] if source in rows else _check_scores(task_rows(config, source, model, tokenizer), config,
-                                                                 trainer_cls, source)
+    def dataset(source: str, raw: list[dict] | None = None, kinds: tuple[str, ...] | None = None) -> ExampleDataset:
+        if raw is None:
+            raw = rows[source] if source in rows else _check_scores(task_rows(config, source, model, tokenizer), config,
+                                                                     trainer_cls, source)
         return build_dataset(raw, tokenizer, source=source,
-                             kinds=("prompts",) if config.online else trainer_cls.data_kinds,
+                             kinds=kinds or (("prompts",) if config.online else trainer_cls.data_kinds),
                              max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                              on_bad_row=config.on_bad_row)
 
     train_dataset = dataset(config.dataset)
     eval_dataset = dataset(config.eval_dataset) if config.eval_dataset else None
-    online = {}
-    if config.online:
-        online = {"reward_fn": load_reward(config.reward), "sampler": make_sampler(config, model, tokenizer)}
+    extra = {}
+    evaluating = config.eval_strategy != "no"
+    if evaluating and issubclass(trainer_cls, PolicyTrainer):
+        extra = _policy_evaluation(config, eval_dataset, dataset)
+    elif evaluating and eval_dataset is None:
+        raise ConfigError(f"eval_steps/eval_strategy: `trainer: {trainer_name(config)}` evaluates on an `eval_dataset`; "
+                          "give one, or set eval_strategy: no")
+    if config.online or extra:
+        extra |= {"reward_fn": extra.get("reward_fn") or load_reward(config.reward),
+                  "sampler": make_sampler(config, model, tokenizer)}
     return trainer_cls(model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                       processing_class=tokenizer, **online)
+                       processing_class=tokenizer, **extra)
+
+
+def _policy_evaluation(config: AlignConfig, eval_dataset: ExampleDataset | None, dataset) -> dict:
+    """The prompts (token ids) and reward of the evaluation while training (``align.trainers.evaluation``):
+    ``eval_prompts`` (a built-in task's held-out split, or the prompts of a file), else ``eval_dataset``'s
+    prompts, else the held-out split of a built-in ``dataset``; the reward is ``reward``, else the task's."""
+    source = config.eval_prompts or config.eval_dataset or (config.dataset if tasks.is_task(config.dataset) else None)
+    task_source = next((s for s in (config.eval_prompts, config.dataset) if tasks.is_task(s)), None)
+    if source is None:
+        raise ConfigError("eval_steps/eval_strategy: evaluation needs prompts: set `eval_prompts` (a file or "
+                          "builtin:<task>) or `eval_dataset`, or train on a built-in task")
+    if config.reward is None and task_source is None:
+        raise ConfigError(f"eval_steps/eval_strategy: evaluating the policy on {source} needs a reward to score its "
+                          "samples: set `reward` (builtin:<task>, module:function, rm:<dir> or sandbox:module:function)")
+    if tasks.is_task(source):
+        held_out = tasks.get_task(source).prompts("heldout", config.eval_num_prompts, config.seed)
+        examples = dataset(source, [{"prompt": p} for p in held_out], ("prompts",))
+    elif source == config.eval_dataset and eval_dataset is not None:
+        examples = eval_dataset
+    else:
+        examples = dataset(source, load_records(source, split=config.dataset_split), ("prompts", "pairs", "groups"))
+    prompt_ids = list(dict.fromkeys(tuple(e["prompt_ids"]) for e in examples))[: config.eval_num_prompts]
+    reward = load_reward(config.reward) if config.reward else tasks.get_task(task_source).reward
+    return {"eval_prompt_ids": [list(ids) for ids in prompt_ids], "reward_fn": reward}
 
 
 def make_sampler(config: AlignConfig, model, tokenizer):
