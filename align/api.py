@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -17,6 +18,7 @@ from align.models import check_vocab, load_causal_lm, load_tokenizer, resolve_mo
 from align.rewards import load_reward, score
 from align.sampling import HFSampler
 from align.trainers import TRAINERS, AlignConfig, PolicyTrainer
+from align.trainers.card import model_card, write_card
 
 logger = logging.getLogger(__name__)
 
@@ -177,9 +179,23 @@ def make_sampler(config: AlignConfig, model, tokenizer):
                        api_key=config.vllm_api_key)
 
 
-def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None) -> dict:
+def api_command(config: AlignConfig) -> str:
+    """The Python call that reproduces a run started from the API: its trainer and the keys that differ from
+    their defaults."""
+    values = {"trainer": trainer_name(config)}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.init and f.repr and value != default and isinstance(value, (str, int, float, bool, list, type(None))):
+            values[f.name] = value
+    return f"from align.api import make_config, train\ntrain(make_config({values!r}))"
+
+
+def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None, command: str | None = None) -> dict:
     """Train, save the adapter (peft format, safetensors) and, on a built-in task, evaluate it on held-out
-    prompts. Returns the summary (also written to OUTPUT_DIR/summary.json)."""
+    prompts. Returns the summary (also written to OUTPUT_DIR/summary.json) and writes the model card
+    (OUTPUT_DIR/README.md) with ``command``, the command line that started the run (default: this call);
+    ``push_to_hub`` then uploads the output directory."""
     output_dir = Path(config.output_dir)
     # Checked before training: a link out of output_dir would otherwise fail the run at its very end.
     summary_path, plot_path, merged_dir = (checkpoints.output_path(output_dir, name)
@@ -192,6 +208,9 @@ def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None)
     trainer.save_model(str(output_dir))
     summary = {"trainer": trainer_name(config), "train_loss": result.training_loss, "steps": trainer.state.global_step,
                "nonfinite_skipped": trainer.nonfinite_steps, "data": trainer.train_dataset.stats.summary()}
+    evals = [h for h in trainer.state.log_history if "eval_reward_mean" in h]
+    if evals:  # the last evaluation while training
+        summary |= {key: value for key, value in evals[-1].items() if key.startswith("eval_")}
     if tasks.is_task(config.dataset) and trainer.is_world_process_zero():
         task = tasks.get_task(config.dataset)
         summary |= trainer.evaluate_task(task, task.prompts("heldout", config.task_eval_prompts, config.seed))
@@ -202,6 +221,11 @@ def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None)
             trainer.processing_class.save_pretrained(merged_dir)
         checkpoints.write_atomic(summary_path, json.dumps(summary, indent=2))
         plot_training(trainer.state.log_history, summary, plot_path)
+        write_card(output_dir, model_card(config, trainer=trainer_name(config), base_model=model_path(config),
+                                          stats=trainer.train_dataset.stats, summary=summary,
+                                          command=command or api_command(config)))
+    if config.push_to_hub:  # transformers uploads OUTPUT_DIR (the card included) to hub_model_id
+        trainer.push_to_hub(commit_message=f"align {trainer_name(config)}: {trainer.state.global_step} steps")
     return summary
 
 
@@ -212,13 +236,23 @@ def plot_training(log_history: list[dict], summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins", "reward/mean", "kl") if any(k in h for h in log_history)]
-    panels = len(keys) + ("true_reward_after" in summary)
+    evals = [h for h in log_history if "eval_reward_mean" in h]
+    panels = len(keys) + bool(evals) + ("true_reward_after" in summary)
     fig, axes = plt.subplots(1, max(panels, 1), figsize=(4 * max(panels, 1), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(h["step"], h[key]) for h in log_history if key in h]
         ax.plot(*zip(*pts), marker=".")
         ax.set_title(key)
         ax.set_xlabel("step")
+    if evals:  # evaluation while training: the reward bought per nat of divergence from the reference
+        ax = axes[0][len(keys)]
+        kl = "eval_kl" if "eval_kl" in evals[0] else "eval_log_ratio_mean"
+        ax.plot([0.0] + [h[kl] for h in evals], [evals[0]["eval_reference_reward_mean"]] + [h["eval_reward_mean"] for h in evals],
+                marker=".")
+        for h in evals:
+            ax.annotate(str(h["step"]), (h[kl], h["eval_reward_mean"]), fontsize=7)
+        ax.set_title(f"eval reward vs {'KL' if kl == 'eval_kl' else 'log-ratio'} (step)")
+        ax.set_xlabel("KL(π‖π_ref)" if kl == "eval_kl" else "mean log π/π_ref")
     if "true_reward_after" in summary:
         ax = axes[0][-1]
         ax.bar(["reference", "aligned"], [summary["true_reward_before"], summary["true_reward_after"]], color=["grey", "tab:green"])

@@ -227,9 +227,14 @@ class AlignTrainer(Trainer):
         if self.args.should_save:
             shutil.rmtree(staged, ignore_errors=True)  # what a crashed save left
         self.accelerator.wait_for_everyone()
-        super().save_model(str(staged), _internal_call)
+        super().save_model(str(staged), _internal_call=True)  # no push yet: align.api pushes once the card is written
         if self.args.should_save:
             checkpoints.publish(staged, final)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Keeps align's card (``align.trainers.card``, written before ``push_to_hub``) rather than transformers'."""
+        if not (Path(self.args.output_dir) / "README.md").exists():
+            super().create_model_card(*args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)

@@ -84,16 +84,20 @@ class PolicyEvaluation:
     @staticmethod
     def metrics(rows: list[dict], kl_name: str = "kl") -> dict[str, float]:
         """``kl_name`` is ``kl`` where the samples come from π itself (temperature 1, no truncation): the mean
-        log-ratio then estimates KL(π‖π_ref); elsewhere it is only the mean log-ratio."""
+        log-ratio then estimates KL(π‖π_ref) (k1, beside k3); elsewhere it is only the mean log-ratio."""
         rewards = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
         reference = torch.tensor([r["reference_reward"] for r in rows], dtype=torch.float64)
-        return {
+        log_ratio = torch.tensor([r["log_ratio"] for r in rows], dtype=torch.float64)
+        metrics = {
             "eval_reward_mean": rewards.nanmean().item(),  # failed (NaN) rewards left out
             "eval_reference_reward_mean": reference.nanmean().item(),
             "eval_win_rate_vs_reference": win_rate(rewards, reference),
-            f"eval_{kl_name}": sum(r["log_ratio"] for r in rows) / len(rows),
+            f"eval_{kl_name}": log_ratio.mean().item(),
             "eval_completion_length": sum(r["length"] for r in rows) / len(rows),
         }
+        if kl_name == "kl":  # k3 = (r − 1) − log r, r = π_ref/π: unbiased, never negative, lower variance
+            metrics["eval_kl_k3"] = (torch.expm1(-log_ratio) + log_ratio).mean().item()
+        return metrics
 
 
 def markdown_table(rows: list[dict]) -> str:
