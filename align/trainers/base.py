@@ -137,6 +137,11 @@ class AlignTrainer(Trainer):
         return LengthGroupedSampler([padded_length(dataset[i]) for i in range(len(dataset))],
                                     a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps)
 
+    def _get_eval_sampler(self, eval_dataset):
+        """In order: transformers' length grouping reads ``input_ids``, which align's examples do not have
+        (and the order of an evaluation changes nothing)."""
+        return torch.utils.data.SequentialSampler(eval_dataset)
+
     # --- the loss -----------------------------------------------------------------------------------
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Per-prompt losses (B,) and a dict of scalar metrics for one batch."""
