@@ -128,3 +128,12 @@ def test_api_run_card_gives_the_python_call(tmp_path):
     api.train(api.make_config(TOY | {"output_dir": str(tmp_path), "max_steps": 1, "task_eval_prompts": 2}))
     card = (tmp_path / "README.md").read_text()
     assert "train(make_config({'trainer': 'copg'" in card and "'beta': 0.05" in card
+
+
+def test_offline_precomputed_reference_with_task_evaluation(tmp_path):
+    """The prompt set of a built-in task's evaluation has no completions: nothing to precompute for it."""
+    config = api.make_config({"trainer": "dpo", "model": "builtin:demo", "dataset": "builtin:demo", "task_train_prompts": 8,
+                              "precompute_ref_logps": True, "eval_steps": 1, "eval_num_prompts": 2, "max_new_tokens": 6,
+                              "lora_r": 4, "lora_alpha": 8, "output_dir": str(tmp_path), "save_strategy": "no"})
+    metrics = api.build_trainer(config).evaluate()
+    assert metrics["eval_win_rate_vs_reference"] == 0.5 and "eval_loss" not in metrics

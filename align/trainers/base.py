@@ -39,6 +39,11 @@ from align.trainers.rollout import rollout
 logger = logging.getLogger(__name__)
 
 
+def scored_offline(dataset) -> bool:
+    """Whether ``dataset`` holds completions (pairs, groups) rather than prompts alone: only then has it a loss."""
+    return dataset is not None and len(dataset) > 0 and bool(dataset[0].get("completion_ids"))
+
+
 class LogProbs:
     """Policy log-probs of one batch: per completion (B, K) and per token (B·K, T-1)."""
 
@@ -338,7 +343,7 @@ class PolicyTrainer(AlignTrainer):
             self.add_callback(SyncSamplerCallback(self))
         if args.precompute_ref_logps and self.uses_reference:
             self.train_dataset = self._with_reference_logps(self.train_dataset)
-            if self.eval_dataset is not None:
+            if scored_offline(self.eval_dataset):
                 self.eval_dataset = self._with_reference_logps(self.eval_dataset)
 
     @property
@@ -366,7 +371,7 @@ class PolicyTrainer(AlignTrainer):
         the loss of fresh samples would only repeat the sampled figures."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         metrics = {}
-        if dataset is not None and len(dataset) and dataset[0].get("completion_ids"):
+        if scored_offline(dataset):
             metrics = super().evaluate(dataset, ignore_keys, metric_key_prefix)
         if self.policy_evaluation is not None:
             figures = self.policy_evaluation(self)
