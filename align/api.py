@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from contextlib import nullcontext
@@ -17,7 +18,8 @@ from align.errors import ConfigError, DataError
 from align.models import check_vocab, load_causal_lm, load_tokenizer, resolve_model
 from align.rewards import load_reward, score
 from align.sampling import HFSampler
-from align.trainers import TRAINERS, AlignConfig
+from align.trainers import TRAINERS, AlignConfig, PolicyTrainer
+from align.trainers.card import model_card, write_card
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ def make_config(values: dict, source: str = "config") -> AlignConfig:
     name = values.pop("trainer", None)
     if name not in TRAINERS:
         raise ConfigError(f"{source}: key 'trainer' must be one of {', '.join(TRAINERS)}, got {name!r}")
+    if values.get("eval_steps") and "eval_strategy" not in values:  # eval_steps alone asks for evaluation
+        values["eval_strategy"] = "steps"
     return build_config(TRAINERS[name].config_class, values, source)
 
 
@@ -112,21 +116,53 @@ def build_trainer(config: AlignConfig):
     model = trainer_cls.load_model(config, path, tokenizer)
     check_vocab(model, tokenizer, path)
 
-    def dataset(source: str) -> ExampleDataset:
-        raw = rows[source] if source in rows else _check_scores(task_rows(config, source, model, tokenizer), config,
-                                                                 trainer_cls, source)
+    def dataset(source: str, raw: list[dict] | None = None, kinds: tuple[str, ...] | None = None) -> ExampleDataset:
+        if raw is None:
+            raw = rows[source] if source in rows else _check_scores(task_rows(config, source, model, tokenizer), config,
+                                                                     trainer_cls, source)
         return build_dataset(raw, tokenizer, source=source,
-                             kinds=("prompts",) if config.online else trainer_cls.data_kinds,
+                             kinds=kinds or (("prompts",) if config.online else trainer_cls.data_kinds),
                              max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                              on_bad_row=config.on_bad_row)
 
     train_dataset = dataset(config.dataset)
     eval_dataset = dataset(config.eval_dataset) if config.eval_dataset else None
-    online = {}
-    if config.online:
-        online = {"reward_fn": load_reward(config.reward), "sampler": make_sampler(config, model, tokenizer)}
+    extra = {}
+    evaluating = config.eval_strategy != "no"
+    if evaluating and issubclass(trainer_cls, PolicyTrainer):
+        extra = _policy_evaluation(config, eval_dataset, dataset)
+    elif evaluating and eval_dataset is None:
+        raise ConfigError(f"eval_steps/eval_strategy: `trainer: {trainer_name(config)}` evaluates on an `eval_dataset`; "
+                          "give one, or set eval_strategy: no")
+    if config.online or extra:
+        extra |= {"reward_fn": extra.get("reward_fn") or load_reward(config.reward),
+                  "sampler": make_sampler(config, model, tokenizer)}
     return trainer_cls(model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                       processing_class=tokenizer, **online)
+                       processing_class=tokenizer, **extra)
+
+
+def _policy_evaluation(config: AlignConfig, eval_dataset: ExampleDataset | None, dataset) -> dict:
+    """The prompts (token ids) and reward of the evaluation while training (``align.trainers.evaluation``):
+    ``eval_prompts`` (a built-in task's held-out split, or the prompts of a file), else ``eval_dataset``'s
+    prompts, else the held-out split of a built-in ``dataset``; the reward is ``reward``, else the task's."""
+    source = config.eval_prompts or config.eval_dataset or (config.dataset if tasks.is_task(config.dataset) else None)
+    task_source = next((s for s in (config.eval_prompts, config.dataset) if tasks.is_task(s)), None)
+    if source is None:
+        raise ConfigError("eval_steps/eval_strategy: evaluation needs prompts: set `eval_prompts` (a file or "
+                          "builtin:<task>) or `eval_dataset`, or train on a built-in task")
+    if config.reward is None and task_source is None:
+        raise ConfigError(f"eval_steps/eval_strategy: evaluating the policy on {source} needs a reward to score its "
+                          "samples: set `reward` (builtin:<task>, module:function, rm:<dir> or sandbox:module:function)")
+    if tasks.is_task(source):
+        held_out = tasks.get_task(source).prompts("heldout", config.eval_num_prompts, config.seed)
+        examples = dataset(source, [{"prompt": p} for p in held_out], ("prompts",))
+    elif source == config.eval_dataset and eval_dataset is not None:
+        examples = eval_dataset
+    else:
+        examples = dataset(source, load_records(source, split=config.dataset_split), ("prompts", "pairs", "groups"))
+    prompt_ids = list(dict.fromkeys(tuple(e["prompt_ids"]) for e in examples))[: config.eval_num_prompts]
+    reward = load_reward(config.reward) if config.reward else tasks.get_task(task_source).reward
+    return {"eval_prompt_ids": [list(ids) for ids in prompt_ids], "reward_fn": reward}
 
 
 def make_sampler(config: AlignConfig, model, tokenizer):
@@ -144,6 +180,18 @@ def make_sampler(config: AlignConfig, model, tokenizer):
                        api_key=config.vllm_api_key)
 
 
+def api_command(config: AlignConfig) -> str:
+    """The Python call that reproduces a run started from the API: its trainer and the keys that differ from
+    their defaults."""
+    values = {"trainer": trainer_name(config)}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.init and f.repr and value != default and isinstance(value, (str, int, float, bool, list, type(None))):
+            values[f.name] = value
+    return f"from align.api import make_config, train\ntrain(make_config({values!r}))"
+
+
 class UnfinishedRun(TrainerCallback):
     """Removes an earlier run's summary when training starts (every check passed, a checkpoint loaded): the
     run in output_dir has not finished until its own summary is written, and ``--resume`` reads a summary as
@@ -157,13 +205,15 @@ class UnfinishedRun(TrainerCallback):
             self.summary_path.unlink(missing_ok=True)
 
 
-def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None) -> dict:
+def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None, command: str | None = None) -> dict:
     """Train, save the adapter (peft format, safetensors) and, on a built-in task, evaluate it on held-out
     prompts. Returns the summary (also written to OUTPUT_DIR/summary.json, last: its presence marks a finished
     run). ``resume_from_checkpoint``: a checkpoint directory, or True: the newest good checkpoint of
     ``output_dir`` if there is one, else a fresh start; a finished run is not trained again (its summary is
-    returned). Raises ``Preempted`` when a SIGTERM/SIGINT stopped training after saving a checkpoint. Holds
-    the output directory's lock (``checkpoints.OutputLock``, rank 0) throughout."""
+    returned). Writes the model card (OUTPUT_DIR/README.md) with ``command``, the command line that started
+    the run (default: this call); ``push_to_hub`` then uploads the output directory. Raises ``Preempted``
+    when a SIGTERM/SIGINT stopped training after saving a checkpoint. Holds the output directory's lock
+    (``checkpoints.OutputLock``, rank 0) throughout."""
     output_dir = Path(config.output_dir)
     # Checked before training: a link out of output_dir would otherwise fail the run at its very end.
     summary_path, plot_path, merged_dir = (checkpoints.output_path(output_dir, name)
@@ -174,11 +224,12 @@ def train(config: AlignConfig, resume_from_checkpoint: str | bool | None = None)
             logger.info("--resume: %s holds a finished run (%s steps; %s): not training again", output_dir,
                         summary.get("steps"), summary_path.name)
             return summary
-        return _train(config, resume_from_checkpoint, output_dir, summary_path, plot_path, merged_dir)
+        return _train(config, resume_from_checkpoint, output_dir, summary_path, plot_path, merged_dir,
+                      command or api_command(config))
 
 
 def _train(config: AlignConfig, resume_from_checkpoint, output_dir: Path, summary_path: Path, plot_path: Path,
-           merged_dir: Path) -> dict:
+           merged_dir: Path, command: str) -> dict:
     trainer = build_trainer(config)
     trainer.add_callback(UnfinishedRun(summary_path))
     try:
@@ -188,6 +239,9 @@ def _train(config: AlignConfig, resume_from_checkpoint, output_dir: Path, summar
     trainer.save_model(str(output_dir))
     summary = {"trainer": trainer_name(config), "train_loss": result.training_loss, "steps": trainer.state.global_step,
                "nonfinite_skipped": trainer.nonfinite_steps, "data": trainer.train_dataset.stats.summary()}
+    evals = [h for h in trainer.state.log_history if "eval_reward_mean" in h]
+    if evals:  # the last evaluation while training
+        summary |= {key: value for key, value in evals[-1].items() if key.startswith("eval_")}
     if tasks.is_task(config.dataset) and trainer.is_world_process_zero():
         task = tasks.get_task(config.dataset)
         summary |= trainer.evaluate_task(task, task.prompts("heldout", config.task_eval_prompts, config.seed))
@@ -197,7 +251,11 @@ def _train(config: AlignConfig, resume_from_checkpoint, output_dir: Path, summar
             model.merge_and_unload().save_pretrained(merged_dir)
             trainer.processing_class.save_pretrained(merged_dir)
         plot_training(trainer.state.log_history, summary, plot_path)
-        checkpoints.write_atomic(summary_path, json.dumps(summary, indent=2))
+        write_card(output_dir, model_card(config, trainer=trainer_name(config), base_model=model_path(config),
+                                          stats=trainer.train_dataset.stats, summary=summary, command=command))
+        checkpoints.write_atomic(summary_path, json.dumps(summary, indent=2))  # last: marks a finished run
+    if config.push_to_hub:  # transformers uploads OUTPUT_DIR (the card and summary included) to hub_model_id
+        trainer.push_to_hub(commit_message=f"align {trainer_name(config)}: {trainer.state.global_step} steps")
     return summary
 
 
@@ -208,13 +266,23 @@ def plot_training(log_history: list[dict], summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins", "reward/mean", "kl") if any(k in h for h in log_history)]
-    panels = len(keys) + ("true_reward_after" in summary)
+    evals = [h for h in log_history if "eval_reward_mean" in h]
+    panels = len(keys) + bool(evals) + ("true_reward_after" in summary)
     fig, axes = plt.subplots(1, max(panels, 1), figsize=(4 * max(panels, 1), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(h["step"], h[key]) for h in log_history if key in h]
         ax.plot(*zip(*pts), marker=".")
         ax.set_title(key)
         ax.set_xlabel("step")
+    if evals:  # evaluation while training: the reward bought per nat of divergence from the reference
+        ax = axes[0][len(keys)]
+        kl = "eval_kl" if "eval_kl" in evals[0] else "eval_log_ratio_mean"
+        ax.plot([0.0] + [h[kl] for h in evals], [evals[0]["eval_reference_reward_mean"]] + [h["eval_reward_mean"] for h in evals],
+                marker=".")
+        for h in evals:
+            ax.annotate(str(h["step"]), (h[kl], h["eval_reward_mean"]), fontsize=7)
+        ax.set_title(f"eval reward vs {'KL' if kl == 'eval_kl' else 'log-ratio'} (step)")
+        ax.set_xlabel("KL(π‖π_ref)" if kl == "eval_kl" else "mean log π/π_ref")
     if "true_reward_after" in summary:
         ax = axes[0][-1]
         ax.bar(["reference", "aligned"], [summary["true_reward_before"], summary["true_reward_after"]], color=["grey", "tab:green"])

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         os.environ.update(env)
         os.execv(sys.executable, command)
     config = api.load_config(args.config, overrides)
-    summary = api.train(config, resume_from_checkpoint=args.resume)
+    summary = api.train(config, resume_from_checkpoint=args.resume, command=shlex.join(["align", *sys.argv[1:]]))
     if _rank() == 0:
         print(json.dumps(summary, indent=2))
     return 0

@@ -10,7 +10,7 @@ import torch
 from align.data import concat_rows, prompt_token_ids
 from align.models import completion_logps, reference_completion_logps, reference_policy
 from align.rewards import RewardFunction, score
-from align.sampling import HFSampler, SamplingParams
+from align.sampling import HFSampler, Sampler, SamplingParams
 
 
 @torch.no_grad()
@@ -38,13 +38,23 @@ class Scored:
     rewards: torch.Tensor
 
 
-def sample_scored(model, tokenizer, prompt_ids: list[list[int]], reward: RewardFunction,
-                  params: SamplingParams) -> Scored:
-    samples = HFSampler(model, tokenizer).sample(prompt_ids, params)
+def sample_scored(sampler: Sampler, tokenizer, prompt_ids: list[list[int]], reward: RewardFunction,
+                  params: SamplingParams, **score_options) -> Scored:
+    """``params.n`` samples of every prompt from ``sampler``, scored by ``reward`` as the policy saw the prompt
+    (``score_options`` go to ``align.rewards.score``)."""
+    samples = sampler.sample(prompt_ids, params)
     prompts = [p for p in tokenizer.batch_decode(prompt_ids, skip_special_tokens=False) for _ in range(params.n)]
     finished = [bool(ids) and ids[-1] == tokenizer.eos_token_id for ids in samples.completion_ids]
-    rewards = torch.tensor(score(reward, prompts, samples.texts, finished=finished), dtype=torch.float64)
+    rewards = torch.tensor(score(reward, prompts, samples.texts, finished=finished, **score_options), dtype=torch.float64)
     return Scored(prompts, samples.texts, samples.completion_ids, finished, rewards)
+
+
+def win_rate(policy_rewards: torch.Tensor, reference_rewards: torch.Tensor) -> float:
+    """P(R(policy sample) > R(reference sample)) over paired samples (same prompt and seed), ties ½; pairs with
+    a failed (NaN) reward are left out (NaN if none is left)."""
+    ok = torch.isfinite(policy_rewards) & torch.isfinite(reference_rewards)
+    p, r = policy_rewards[ok].double(), reference_rewards[ok].double()
+    return ((p > r).double() + 0.5 * (p == r).double()).mean().item()
 
 
 def evaluate_against_reference(model, tokenizer, prompts: list, reward: RewardFunction, *, max_new_tokens: int,
@@ -62,16 +72,16 @@ def evaluate_against_reference(model, tokenizer, prompts: list, reward: RewardFu
     model.eval()
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    policy = sample_scored(model, tokenizer, prompt_ids, reward, params)
+    sampler = HFSampler(model, tokenizer)
+    policy = sample_scored(sampler, tokenizer, prompt_ids, reward, params)
     with reference_policy(model):
-        reference = sample_scored(model, tokenizer, prompt_ids, reward, params)
-    wins = (policy.rewards > reference.rewards).double() + 0.5 * (policy.rewards == reference.rewards).double()
+        reference = sample_scored(sampler, tokenizer, prompt_ids, reward, params)
     kl = sequence_kl(model, [p for p in prompt_ids for _ in range(n)], policy.completion_ids, tokenizer.pad_token_id)
     model.train(was_training)
     out = {
         "true_reward_before": reference.rewards.mean().item(),
         "true_reward_after": policy.rewards.mean().item(),
-        "win_rate_vs_reference": wins.mean().item(),
+        "win_rate_vs_reference": win_rate(policy.rewards, reference.rewards),
         "kl_to_reference": kl.mean().item(),
         "eval_samples": len(policy.texts),
     }

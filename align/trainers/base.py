@@ -33,11 +33,17 @@ from align.rewards import RewardFunction
 from align.sampling import Sampler, SamplingParams, derive_seed
 from align.tasks import Task, is_task
 from align.trainers.config import AlignConfig
+from align.trainers.evaluation import PolicyEvaluation
 from align.trainers.preemption import PreemptionCallback
 from align.trainers.reference import cached_reference_logps
 from align.trainers.rollout import rollout
 
 logger = logging.getLogger(__name__)
+
+
+def scored_offline(dataset) -> bool:
+    """Whether ``dataset`` holds completions (pairs, groups) rather than prompts alone: only then has it a loss."""
+    return dataset is not None and len(dataset) > 0 and bool(dataset[0].get("completion_ids"))
 
 
 class LogProbs:
@@ -144,6 +150,11 @@ class AlignTrainer(Trainer):
                                                     a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps,
                                                     resume_seed=self._resume_epoch_seed)
         return self._length_sampler
+
+    def _get_eval_sampler(self, eval_dataset):
+        """In order: transformers' length grouping reads ``input_ids``, which align's examples do not have
+        (and the order of an evaluation changes nothing)."""
+        return torch.utils.data.SequentialSampler(eval_dataset)
 
     # --- the loss -----------------------------------------------------------------------------------
     def packed(self, model) -> bool:
@@ -262,9 +273,14 @@ class AlignTrainer(Trainer):
         if self.args.should_save:
             shutil.rmtree(staged, ignore_errors=True)  # what a crashed save left
         self.accelerator.wait_for_everyone()
-        super().save_model(str(staged), _internal_call)
+        super().save_model(str(staged), _internal_call=True)  # no push yet: align.api pushes once the card is written
         if self.args.should_save:
             checkpoints.publish(staged, final)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Keeps align's card (``align.trainers.card``, written before ``push_to_hub``) rather than transformers'."""
+        if not (Path(self.args.output_dir) / "README.md").exists():
+            super().create_model_card(*args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
@@ -343,9 +359,11 @@ class PolicyTrainer(AlignTrainer):
 
     def __init__(self, model, args: AlignConfig, train_dataset, processing_class: PreTrainedTokenizerBase,
                  eval_dataset=None, reward_fn: RewardFunction | None = None, sampler: Sampler | None = None,
-                 callbacks=None):
-        if args.online and (reward_fn is None or sampler is None):
-            raise ValueError("online training needs a reward function and a sampler")
+                 eval_prompt_ids: list[list[int]] | None = None, callbacks=None):
+        if (args.online or eval_prompt_ids) and (reward_fn is None or sampler is None):
+            raise ValueError("online training and evaluation while training need a reward function and a sampler")
+        if eval_prompt_ids and eval_dataset is None:  # transformers evaluates only with an eval_dataset
+            eval_dataset = ExampleDataset([{"prompt_ids": ids} for ids in eval_prompt_ids])
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks)
         if base_weights_modified(model) and reference_snapshot(model) is None and (self.uses_reference or is_task(args.dataset)):
@@ -356,11 +374,17 @@ class PolicyTrainer(AlignTrainer):
         self.reward_fn, self.sampler = reward_fn, sampler
         self.skipped_groups = 0  # online groups dropped: a failed reward, or (pair losses) all rewards equal
         self.rollouts_this_step = 0
-        if args.online:
+        self.policy_evaluation = None
+        if eval_prompt_ids:
+            self.policy_evaluation = PolicyEvaluation(
+                eval_prompt_ids, reward_fn, SamplingParams(n=args.eval_num_generations, max_new_tokens=args.max_new_tokens,
+                                                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
+                {"on_error": args.reward_on_error, "retries": args.reward_retries, "timeout": args.reward_timeout})
+        if sampler is not None:
             self.add_callback(SyncSamplerCallback(self))
         if args.precompute_ref_logps and self.uses_reference:
             self.train_dataset = self._with_reference_logps(self.train_dataset)
-            if self.eval_dataset is not None:
+            if scored_offline(self.eval_dataset):
                 self.eval_dataset = self._with_reference_logps(self.eval_dataset)
 
     @property
@@ -381,6 +405,21 @@ class PolicyTrainer(AlignTrainer):
         """The policy against its reference on the same prompts and seeds, under the task's reward."""
         return task.evaluate(self.accelerator.unwrap_model(self.model), self.processing_class, prompts,
                              max_new_tokens=self.args.max_new_tokens, seed=self.args.seed + 1)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The loss on an offline eval set (pairs or scored groups), and the policy's samples against the
+        reference's (``align.trainers.evaluation``). A set of prompts alone has no loss to evaluate: online,
+        the loss of fresh samples would only repeat the sampled figures."""
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        metrics = {}
+        if scored_offline(dataset):
+            metrics = super().evaluate(dataset, ignore_keys, metric_key_prefix)
+        if self.policy_evaluation is not None:
+            figures = self.policy_evaluation(self)
+            self.log(dict(figures))
+            metrics |= figures
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, figures)
+        return metrics
 
     def _with_reference_logps(self, dataset: ExampleDataset) -> ExampleDataset:
         """The examples with their reference log-probs (``ref_logps``, read by the collator), from the cache
@@ -434,7 +473,7 @@ class PolicyTrainer(AlignTrainer):
             log_ratio = log_ratio * logps.n_tokens
         metrics = {"log_ratio/mean": log_ratio.mean()}
         a = self.args
-        if a.online and not self.online_pairs and a.temperature == 1 and a.top_p == 1 and a.top_k == 0:
+        if a.online and not self.online_pairs and a.samples_from_policy:
             metrics |= {"kl": log_ratio.mean(), "kl_k3": (torch.expm1(-log_ratio) + log_ratio).mean()}
         return metrics
 

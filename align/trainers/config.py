@@ -65,6 +65,10 @@ class AlignConfig(TrainingArguments):
     # --- built-in tasks (`dataset: builtin:<task>`) ----------------------------------------------
     task_train_prompts: int = field(default=512, metadata={"help": "Built-in task: training prompts."})
     task_eval_prompts: int = field(default=128, metadata={"help": "Built-in task: held-out prompts of the final evaluation."})
+    # --- evaluation while training (align.trainers.evaluation) ----------------------------------
+    eval_prompts: str | None = field(default=None, metadata={"help": "Prompts of the evaluation every eval_steps (a file, dataset or builtin:<task>, whose held-out split is used); default: eval_dataset's prompts, else the held-out split of a built-in `dataset`. The policy samples with the training sampler, the reward scores, and the reference's samples on the same prompts and seeds give the win rate."})
+    eval_num_prompts: int = field(default=32, metadata={"help": "Evaluation while training: the number of prompts (the first ones of the set)."})
+    eval_num_generations: int = field(default=2, metadata={"help": "Evaluation while training: completions per prompt."})
 
     # TrainingArguments defaults that suit alignment runs.
     remove_unused_columns: bool = False
@@ -87,6 +91,12 @@ class AlignConfig(TrainingArguments):
     def __str__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in sorted(self.to_dict().items()))})"
 
+    @property
+    def samples_from_policy(self) -> bool:
+        """Sampling at temperature 1 without top-k/top-p draws from π itself: only then does the mean
+        log-ratio of the policy's own samples estimate KL(π‖π_ref)."""
+        return self.temperature == 1 and self.top_p == 1 and self.top_k == 0
+
     def __post_init__(self):
         if not self.output_dir:
             raise ValueError("output_dir is required")
@@ -104,6 +114,8 @@ class AlignConfig(TrainingArguments):
             ("vllm_tensor_parallel_size", self.vllm_tensor_parallel_size >= 1, ">= 1"),
             ("task_train_prompts", self.task_train_prompts >= 1, ">= 1"),
             ("task_eval_prompts", self.task_eval_prompts >= 1, ">= 1"),
+            ("eval_num_prompts", self.eval_num_prompts >= 1, ">= 1"),
+            ("eval_num_generations", self.eval_num_generations >= 1, ">= 1"),
             # TrainingArguments values that would otherwise fail later, deep inside torch or transformers
             ("learning_rate", self.learning_rate > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("num_train_epochs", self.num_train_epochs > 0, "> 0"),
