@@ -135,7 +135,7 @@ def build_trainer(config: AlignConfig):
         raise ConfigError(f"eval_steps/eval_strategy: `trainer: {trainer_name(config)}` evaluates on an `eval_dataset`; "
                           "give one, or set eval_strategy: no")
     if config.online or extra:
-        extra |= {"reward_fn": extra.get("reward_fn") or load_reward(config.reward),
+        extra |= {"reward_fn": load_reward(config.reward) if config.reward else extra.get("eval_reward_fn"),
                   "sampler": make_sampler(config, model, tokenizer)}
     return trainer_cls(model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
                        processing_class=tokenizer, **extra)
@@ -144,13 +144,14 @@ def build_trainer(config: AlignConfig):
 def _policy_evaluation(config: AlignConfig, eval_dataset: ExampleDataset | None, dataset) -> dict:
     """The prompts (token ids) and reward of the evaluation while training (``align.trainers.evaluation``):
     ``eval_prompts`` (a built-in task's held-out split, or the prompts of a file), else ``eval_dataset``'s
-    prompts, else the held-out split of a built-in ``dataset``; the reward is ``reward``, else the task's."""
+    prompts, else the held-out split of a built-in ``dataset``; the reward is ``eval_reward``, else ``reward``,
+    else the task's."""
     source = config.eval_prompts or config.eval_dataset or (config.dataset if tasks.is_task(config.dataset) else None)
     task_source = next((s for s in (config.eval_prompts, config.dataset) if tasks.is_task(s)), None)
     if source is None:
         raise ConfigError("eval_steps/eval_strategy: evaluation needs prompts: set `eval_prompts` (a file or "
                           "builtin:<task>) or `eval_dataset`, or train on a built-in task")
-    if config.reward is None and task_source is None:
+    if config.eval_reward is None and config.reward is None and task_source is None:
         raise ConfigError(f"eval_steps/eval_strategy: evaluating the policy on {source} needs a reward to score its "
                           "samples: set `reward` (builtin:<task>, module:function, rm:<dir> or sandbox:module:function)")
     if tasks.is_task(source):
@@ -161,8 +162,9 @@ def _policy_evaluation(config: AlignConfig, eval_dataset: ExampleDataset | None,
     else:
         examples = dataset(source, load_records(source, split=config.dataset_split), ("prompts", "pairs", "groups"))
     prompt_ids = list(dict.fromkeys(tuple(e["prompt_ids"]) for e in examples))[: config.eval_num_prompts]
-    reward = load_reward(config.reward) if config.reward else tasks.get_task(task_source).reward
-    return {"eval_prompt_ids": [list(ids) for ids in prompt_ids], "reward_fn": reward}
+    named = config.eval_reward or config.reward
+    reward = load_reward(named) if named else tasks.get_task(task_source).reward
+    return {"eval_prompt_ids": [list(ids) for ids in prompt_ids], "eval_reward_fn": reward}
 
 
 def make_sampler(config: AlignConfig, model, tokenizer):
@@ -265,7 +267,7 @@ def plot_training(log_history: list[dict], summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins", "reward/mean", "kl") if any(k in h for h in log_history)]
+    keys = [k for k in ("loss", "rewards/accuracies", "rewards/margins", "reward/mean", "kl", "eval_reward_mean") if any(k in h for h in log_history)]
     evals = [h for h in log_history if "eval_reward_mean" in h]
     panels = len(keys) + bool(evals) + ("true_reward_after" in summary)
     fig, axes = plt.subplots(1, max(panels, 1), figsize=(4 * max(panels, 1), 3.2), squeeze=False)

@@ -36,6 +36,20 @@ def test_reference_against_itself_wins_half_at_zero_kl(tmp_path):
     assert not trainer._metrics["train"]  # evaluation records no training rollout metrics
 
 
+def length_reward(prompts, completions, **_):
+    return [float(len(c)) for c in completions]
+
+
+def test_eval_reward_scores_the_evaluation_while_training_keeps_its_reward(tmp_path):
+    """A training reward and another evaluation reward (e.g. shaped and strict): each is used where it belongs."""
+    trainer = api.build_trainer(api.make_config(TOY | {"output_dir": str(tmp_path), "eval_steps": 2,
+                                                       "eval_reward": f"{__name__}:length_reward"}))
+    assert trainer.reward_fn is api.load_reward("builtin:demo") and trainer.policy_evaluation.reward is length_reward
+    trainer.evaluate()
+    rows = [json.loads(line) for line in (tmp_path / "completions" / "step_0.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in rows] == [float(len(r["completion"])) for r in rows]
+
+
 def test_eval_while_training_to_tensorboard_and_jsonl_leaves_training_unchanged(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

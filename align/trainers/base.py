@@ -359,8 +359,11 @@ class PolicyTrainer(AlignTrainer):
 
     def __init__(self, model, args: AlignConfig, train_dataset, processing_class: PreTrainedTokenizerBase,
                  eval_dataset=None, reward_fn: RewardFunction | None = None, sampler: Sampler | None = None,
-                 eval_prompt_ids: list[list[int]] | None = None, callbacks=None):
-        if (args.online or eval_prompt_ids) and (reward_fn is None or sampler is None):
+                 eval_prompt_ids: list[list[int]] | None = None, eval_reward_fn: RewardFunction | None = None,
+                 callbacks=None):
+        eval_reward_fn = eval_reward_fn or reward_fn
+        if (args.online and reward_fn is None) or (eval_prompt_ids and eval_reward_fn is None) or (
+                (args.online or eval_prompt_ids) and sampler is None):
             raise ValueError("online training and evaluation while training need a reward function and a sampler")
         if eval_prompt_ids and eval_dataset is None:  # transformers evaluates only with an eval_dataset
             eval_dataset = ExampleDataset([{"prompt_ids": ids} for ids in eval_prompt_ids])
@@ -377,7 +380,7 @@ class PolicyTrainer(AlignTrainer):
         self.policy_evaluation = None
         if eval_prompt_ids:
             self.policy_evaluation = PolicyEvaluation(
-                eval_prompt_ids, reward_fn, SamplingParams(n=args.eval_num_generations, max_new_tokens=args.max_new_tokens,
+                eval_prompt_ids, eval_reward_fn, SamplingParams(n=args.eval_num_generations, max_new_tokens=args.max_new_tokens,
                                                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
                 {"on_error": args.reward_on_error, "retries": args.reward_retries, "timeout": args.reward_timeout})
         if sampler is not None:

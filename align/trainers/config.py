@@ -67,6 +67,7 @@ class AlignConfig(TrainingArguments):
     task_eval_prompts: int = field(default=128, metadata={"help": "Built-in task: held-out prompts of the final evaluation."})
     # --- evaluation while training (align.trainers.evaluation) ----------------------------------
     eval_prompts: str | None = field(default=None, metadata={"help": "Prompts of the evaluation every eval_steps (a file, dataset or builtin:<task>, whose held-out split is used); default: eval_dataset's prompts, else the held-out split of a built-in `dataset`. The policy samples with the training sampler, the reward scores, and the reference's samples on the same prompts and seeds give the win rate."})
+    eval_reward: str | None = field(default=None, metadata={"help": "Reward of the evaluation while training (same forms as `reward`); default: `reward`, else the built-in task's. E.g. the strict verifier while training on a shaped reward."})
     eval_num_prompts: int = field(default=32, metadata={"help": "Evaluation while training: the number of prompts (the first ones of the set)."})
     eval_num_generations: int = field(default=2, metadata={"help": "Evaluation while training: completions per prompt."})
 
