@@ -1,7 +1,8 @@
 """Tokens/s of align's contrastive search vs transformers 4.55's built-in one and vs greedy ``generate``, per shape.
 
     python scripts/bench_decoding.py [--shape readme llama38m smollm2] [--model DIR ...] [--batch 8]
-        [--repeats 3] [--threads 1] [--tf4-python /work/venv455/bin/python] [--json out.json]
+        [--repeats 3] [--threads 1] [--tf4-python /work/venv455/bin/python] [--device cpu] [--dtype float32]
+        [--json out.json]
 
 Shapes (``--shape``; all three unless ``--model DIR ...`` names Hugging Face causal-LM directories instead):
 
@@ -21,6 +22,10 @@ short warm-up, each repeat times align, transformers 4.55 and greedy once each, 
 to repeat, so that the three share whatever load the machine has. Figures are medians; ratios divide medians of the
 same run, by wall-clock and by CPU time (``time.process_time``, which a machine shared with other jobs inflates less).
 align's tokens are compared with transformers 4.55's on every timed run.
+
+Without a transformers 4.55 environment (``--tf4-python`` missing or empty, e.g. on a GPU machine) it says so and
+compares align with greedy only. ``--device cuda`` and ``--dtype`` (default float32) move the models of both
+environments; the weights are checked before, in fp32.
 
 Prints one JSON line per shape, then a table; ``--json`` writes everything to a file.
 """
@@ -117,15 +122,21 @@ def timed(fn) -> tuple[float, float, list]:
 def hf_generate(model, request: dict, **kwargs) -> torch.Tensor:
     with torch.inference_mode():
         return model.generate(
-            input_ids=torch.tensor(request["input_ids"]), attention_mask=torch.tensor(request["attention_mask"]),
+            input_ids=torch.tensor(request["input_ids"], device=model.device),
+            attention_mask=torch.tensor(request["attention_mask"], device=model.device),
             do_sample=False, max_new_tokens=request["new_tokens"], pad_token_id=request["pad"], **kwargs,
         )
+
+
+def on_device(model: torch.nn.Module, source: dict) -> torch.nn.Module:
+    return model.to(device=source.get("device", "cpu"), dtype=getattr(torch, source.get("dtype", "float32")))
 
 
 def worker(source: dict) -> None:
     """transformers 4.55's contrastive search, one run per JSON request line on stdin."""
     model = load_model(source)
     print(json.dumps({"model_digest": model_digest(model), "transformers": transformers.__version__}), flush=True)
+    model = on_device(model, source)
     for line in sys.stdin:
         request = json.loads(line)
         settings = {"penalty_alpha": request["penalty_alpha"], "top_k": request["top_k"]}
@@ -184,10 +195,14 @@ def bench_shape(name: str, source: dict, args) -> dict:
     from align.decoding import contrastive_search
 
     model = load_model(source)
-    tf4 = Transformers455(args.tf4_python, {key: source[key] for key in ("spec", "dir") if key in source},
-                          args.threads)
-    if not same_model(model_digest(model), tf4.model_digest):
-        sys.exit(f"{name}: the two environments hold different weights or buffers")
+    placement = {"device": args.device, "dtype": args.dtype}
+    tf4 = None
+    if args.tf4_python:
+        tf4 = Transformers455(args.tf4_python, {**{key: source[key] for key in ("spec", "dir") if key in source},
+                                                **placement}, args.threads)
+        if not same_model(model_digest(model), tf4.model_digest):
+            sys.exit(f"{name}: the two environments hold different weights or buffers")
+    model = on_device(model, placement)
     if "spec" in source:
         input_ids, attention_mask = random_prompts(args.batch, source["prompt_length"], model.config.vocab_size)
         pad = 0
@@ -195,7 +210,7 @@ def bench_shape(name: str, source: dict, args) -> dict:
         input_ids, attention_mask, pad = chat_prompts(source["dir"], args.batch)
     request = dict(input_ids=input_ids, attention_mask=attention_mask, pad=pad, penalty_alpha=args.penalty_alpha,
                    top_k=args.top_k)
-    ids, mask = torch.tensor(input_ids), torch.tensor(attention_mask)
+    ids, mask = torch.tensor(input_ids, device=model.device), torch.tensor(attention_mask, device=model.device)
 
     def run(impl: str, new_tokens: int) -> tuple[float, float, list]:
         if impl == "align":
@@ -205,7 +220,7 @@ def bench_shape(name: str, source: dict, args) -> dict:
             return tf4({**request, "new_tokens": new_tokens})
         return timed(lambda: hf_generate(model, {**request, "new_tokens": new_tokens}))
 
-    impls = ["align", "transformers455", "greedy"]
+    impls = ["align", "transformers455", "greedy"] if tf4 else ["align", "greedy"]
     for impl in impls:  # warm-up: allocator, kernels, lazy imports
         run(impl, args.warmup_tokens)
     new_tokens = source["new_tokens"]
@@ -213,22 +228,24 @@ def bench_shape(name: str, source: dict, args) -> dict:
     identical = True
     for repeat in range(args.repeats):
         outputs = {}
-        for impl in impls[repeat % 3:] + impls[: repeat % 3]:  # rotating order
+        for impl in impls[repeat % len(impls):] + impls[: repeat % len(impls)]:  # rotating order
             wall, cpu, outputs[impl] = run(impl, new_tokens)
             runs[impl].append((wall, cpu))
         if any(len(row) != len(input_ids[0]) + new_tokens for out in outputs.values() for row in out):
             sys.exit(f"{name}: a run stopped before {new_tokens} new tokens")
-        identical &= outputs["align"] == outputs["transformers455"]
-    tf4.close()
+        if tf4:
+            identical &= outputs["align"] == outputs["transformers455"]
+    if tf4:
+        tf4.close()
 
     tokens = args.batch * new_tokens
     result = {
         "shape": name, "parameters": sum(p.numel() for p in model.parameters()), "batch": args.batch,
         "prompt_length": len(input_ids[0]), "new_tokens": new_tokens, "penalty_alpha": args.penalty_alpha,
-        "top_k": args.top_k, "threads": args.threads, "repeats": args.repeats,
+        "top_k": args.top_k, "threads": args.threads, "repeats": args.repeats, **placement,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "transformers_reference": tf4.version},
-        "identical_to_transformers455": identical,
+                     "transformers_reference": tf4.version if tf4 else None},
+        "identical_to_transformers455": identical if tf4 else None,
     }
     for impl in impls:
         walls, cpus = [timing[0] for timing in runs[impl]], [timing[1] for timing in runs[impl]]
@@ -237,6 +254,8 @@ def bench_shape(name: str, source: dict, args) -> dict:
                         "wall_s": [round(wall, 3) for wall in walls], "cpu_s": [round(cpu, 3) for cpu in cpus]}
     for label, fast, slow in (("align_vs_transformers455", "align", "transformers455"),
                               ("greedy_vs_align", "greedy", "align")):
+        if slow not in impls:
+            continue
         result[label] = {"by_wall_time": round(result[fast]["tokens_per_s"] / result[slow]["tokens_per_s"], 3),
                          "by_cpu_time": round(result[fast]["tokens_per_cpu_s"] / result[slow]["tokens_per_cpu_s"], 3)}
     print(json.dumps(result), flush=True)
@@ -249,13 +268,17 @@ def table(results: list[dict]) -> str:
               "align/4.55 wall|cpu", "greedy/align wall|cpu", "identical")
 
     def ratio(r: dict, label: str) -> str:
-        return f"{r[label]['by_wall_time']:.2f}x | {r[label]['by_cpu_time']:.2f}x"
+        return f"{r[label]['by_wall_time']:.2f}x | {r[label]['by_cpu_time']:.2f}x" if label in r else "-"
+
+    def identical(r: dict) -> str:
+        return {True: "yes", False: "NO", None: "-"}[r["identical_to_transformers455"]]
 
     rows = [header] + [(
         r["shape"], f"{r['parameters'] / 1e6:.0f}M", str(r["prompt_length"]), str(r["new_tokens"]),
-        f"{r['align']['tokens_per_s']:.1f}", f"{r['transformers455']['tokens_per_s']:.1f}",
+        f"{r['align']['tokens_per_s']:.1f}",
+        f"{r['transformers455']['tokens_per_s']:.1f}" if "transformers455" in r else "-",
         f"{r['greedy']['tokens_per_s']:.1f}", ratio(r, "align_vs_transformers455"), ratio(r, "greedy_vs_align"),
-        "yes" if r["identical_to_transformers455"] else "NO",
+        identical(r),
     ) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)
@@ -278,6 +301,9 @@ def main() -> None:
     parser.add_argument("--warmup-tokens", type=int, default=4, help="new tokens of the untimed warm-up runs")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads in both environments (1: steady figures on a shared machine)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every model runs")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="every model's dtype (fp32: tokens comparable with transformers 4.55's)")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -287,15 +313,17 @@ def main() -> None:
     if args.worker:
         worker(json.loads(args.worker))
         return
-    if not Path(args.tf4_python).exists():
-        sys.exit(f"no python at {args.tf4_python}: make a transformers 4.55 environment (see this script's docstring)")
+    if args.tf4_python and not Path(args.tf4_python).exists():
+        print(f"no python at {args.tf4_python}: align against greedy only (for transformers 4.55's contrastive search, "
+              "make its environment, see this script's docstring)", flush=True)
+        args.tf4_python = ""
 
     results = [bench_shape(name, source, args) for name, source in shape_sources(args).items()]
-    print(f"\ncontrastive search, batch {args.batch}, alpha {args.penalty_alpha}, k {args.top_k}, fp32, "
+    print(f"\ncontrastive search, batch {args.batch}, alpha {args.penalty_alpha}, k {args.top_k}, {args.device} {args.dtype}, "
           f"{args.threads} thread(s), medians of {args.repeats} runs\n" + table(results))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
-    if not all(r["identical_to_transformers455"] for r in results):
+    if any(r["identical_to_transformers455"] is False for r in results):
         sys.exit("align's tokens differ from transformers 4.55's")
 
 

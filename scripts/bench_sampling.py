@@ -12,7 +12,7 @@ One colocated vLLM engine (LoRA enabled) serves both vLLM modes. Without ``--mod
 initialised Llama (``--hidden-size``/``--layers``) is built in a temporary directory; on a GPU pass a
 real checkpoint directory, e.g. ``--model ~/models/Qwen2.5-0.5B --dtype bfloat16 --lora-r 16``.
 
-Run ``python scripts/bench_sampling.py [--prompts 8 --n 4 --max-new-tokens 32 --runs 3]``.
+Run ``python scripts/bench_sampling.py [--prompts 8 --n 4 --max-new-tokens 32 --runs 3] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="HF policy device")
+    p.add_argument("--json", metavar="PATH", help="also write the result to this file")
     return p.parse_args()
 
 
@@ -126,6 +127,9 @@ def main() -> None:
                   sync_bytes={"merged": merged_bytes, "adapter": adapter_bytes},
                   vllm_version=__import__("vllm").__version__, torch_threads=torch.get_num_threads())
     print(json.dumps(result), file=sys.stdout, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":  # vLLM starts worker processes

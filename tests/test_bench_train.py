@@ -1,5 +1,5 @@
 """scripts/bench_train.py end to end on a toy size: TRL's DPO next to align's CPL, the JSON the issue asks
-for, and a memory measurement that is exact (the same setting measured twice gives the same bytes)."""
+for (one section per shape), and a memory measurement that is exact (the same setting measured twice gives the same bytes)."""
 
 import json
 import statistics
@@ -17,10 +17,13 @@ def test_bench_train_writes_rows_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
     toy = ["--hidden", "64", "--layers", "1", "--rows", "64", "--batch", "2", "--steps", "2", "--threads", "1",
            "--completion-tokens", "16", "--device", "cpu"]
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--only", "trl_dpo", "align_cpl", "--repeats", "2", *toy,
-                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--shape", "synthetic", "--only", "trl_dpo", "align_cpl",
+                           "--repeats", "2", *toy, "--json", str(out)], check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    sections = json.loads(out.read_text())
+    assert set(sections) == {"synthetic", "wall_s"} and sections["wall_s"] > 0
+    result = sections["synthetic"]
+    assert result["settings"]["shape"] == "synthetic" and result["settings"]["batch_pairs"] == 2
     rows = {r["name"]: r for r in result["rows"]}
     assert set(rows) == {"trl_dpo", "align_cpl"}
     for row in rows.values():
@@ -34,3 +37,4 @@ def test_bench_train_writes_rows_and_ratios(tmp_path):
     assert rounds[0]["align_cpl"]["step_tensor_mb"] == rounds[1]["align_cpl"]["step_tensor_mb"]
     assert rounds[0]["trl_dpo"]["step_tensor_mb"] == rounds[1]["trl_dpo"]["step_tensor_mb"]
     assert "cpl_vs_trl_dpo" in proc.stdout and "align_cpl" in proc.stdout  # the printed table
+    assert "total wall time" in proc.stdout
