@@ -103,7 +103,7 @@ def test_two_processes_equal_one_process_with_double_batch(tiny_lm_dir, tmp_path
 
     words = [w for w in AutoTokenizer.from_pretrained(tiny_lm_dir).get_vocab() if w not in SPECIAL_TOKENS + CHAT_TOKENS]
     (tmp_path / "ddp").mkdir()
-    ddp = write_configs(tmp_path / "ddp", tiny_lm_dir, words, BATCH)
+    write_configs(tmp_path / "ddp", tiny_lm_dir, words, BATCH)
     prefix, env = launch_prefix()
     proc = subprocess.run([*prefix, __file__, str(tmp_path / "ddp")], env={**os.environ, **env, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=600)
