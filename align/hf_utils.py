@@ -75,22 +75,59 @@ def varlen_attention(model: torch.nn.Module) -> bool:
     return "flash" in str(getattr(unwrap_model(model).config, "_attn_implementation", ""))
 
 
-def forward_rows(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                 packed: bool) -> tuple[dict, torch.Tensor]:
-    """The model inputs of a batch of (N, T) rows, and where each row's token (r, t) sits in the flattened
-    (batch x sequence) output: ``hidden.flatten(0, 1)[index[r, t]]``.
+# Attention implementations that apply a given 4D additive mask as it is (transformers' masking utilities pass a 4D
+# mask on untouched); flash kernels take none.
+CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
 
-    ``packed`` (padding-free): the real tokens of every row, concatenated into one row of L = sum of lengths,
-    with ``position_ids`` restarting at 0 for each sequence and no attention mask, from which transformers
-    builds a block-diagonal causal mask (sdpa, eager) or runs varlen flash attention, given the sequence
-    boundaries ``cu_seq_lens`` (as TRL's padding-free SFT collator passes them). No pad token is computed.
-    Exact only where the model supports it (``packing_exact``). ``use_cache=False``: with a cache,
-    transformers ignores the position ids and would attend across sequences.
+
+def custom_mask_attention(model: torch.nn.Module) -> bool:
+    """Whether ``model`` attends with a 4D mask given to it (sdpa, eager) over every past position: not with
+    sliding-window layers (a custom mask replaces the window) nor ALiBi (positions read from the 2D mask)."""
+    config = unwrap_model(model).config
+    text = config.get_text_config()
+    sliding = "sliding_attention" in (getattr(text, "layer_types", None) or ()) or (
+        getattr(text, "layer_types", None) is None and getattr(text, "sliding_window", None) is not None
+        and getattr(text, "use_sliding_window", True))
+    return (getattr(config, "_attn_implementation", None) in CUSTOM_MASK_ATTENTION and not sliding
+            and not getattr(text, "alibi", False))
+
+
+LAYOUTS = ("padded", "packed", "shared_prefix")
+
+
+def forward_rows(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 layout: str = "padded", group_size: int = 1) -> tuple[dict, torch.Tensor]:
+    """The model inputs of a batch of right-padded (N, T) rows, and where each row's token (r, t) sits in the
+    flattened (batch x sequence) output: ``hidden.flatten(0, 1)[index[r, t]]``. Three layouts, one result:
+
+    * ``padded``: the rows as they are.
+    * ``packed`` (padding-free): the real tokens of every row, concatenated into one row of L = sum of lengths,
+      with ``position_ids`` restarting at 0 for each sequence and no attention mask, from which transformers
+      builds a block-diagonal causal mask (sdpa, eager) or runs varlen flash attention, given the sequence
+      boundaries ``cu_seq_lens`` (as TRL's padding-free SFT collator passes them). No pad token is computed.
+    * ``shared_prefix``: the rows come in groups of ``group_size`` consecutive rows (one prompt's completions,
+      ``align.data.GroupCollator``); each group runs as one row that holds the tokens the group's rows share at
+      their start (the prompt, at least) once, then each row's remaining tokens, with their own positions and a
+      4D mask by which each row's tokens see the shared prefix and their own row only (prefix sharing, as in
+      Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing"). A token's hidden
+      state depends on the tokens before it alone, so the rows sharing it have the same one there: the prefix
+      is computed once per group instead of once per row (a pair with a prompt as long as a completion: 3
+      sequence lengths of tokens instead of 4). A group's row attends over all its completions, so many long
+      completions of a short prompt would cost more attention than the prompt saves: a batch runs shared only
+      where its estimated FLOPs are fewer (``shared_prefix_pays``), else padded.
+
+    Each layout other than ``padded`` is exact only where the model supports it (``layout_exact``).
+    ``use_cache=False``: with a cache, transformers ignores the position ids.
     """
     mask = attention_mask.bool()
-    if not packed:
+    if layout == "padded" or (layout == "shared_prefix" and group_size == 1):
         index = torch.arange(mask.numel(), device=mask.device).view(mask.shape)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}, index
+    if layout == "shared_prefix":
+        shared = _shared_prefix_rows(model, input_ids, mask, group_size)
+        return shared or forward_rows(model, input_ids, attention_mask)
+    if layout != "packed":
+        raise ValueError(f"layout={layout!r}: choose one of {', '.join(LAYOUTS)}")
     index = mask.flatten().cumsum(0).view(mask.shape) - 1
     inputs = {"input_ids": input_ids[mask].unsqueeze(0), "position_ids": (mask.cumsum(-1) - 1)[mask].unsqueeze(0),
               "use_cache": False}
@@ -102,49 +139,108 @@ def forward_rows(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     return inputs, index
 
 
+def shared_prefix_pays(model: torch.nn.Module, rows: int, length: int, groups: int, shared_length: int) -> bool:
+    """Whether ``groups`` shared rows of ``shared_length`` tokens cost fewer FLOPs than ``rows`` padded rows of
+    ``length``: per token, 2 FLOPs per weight of a layer (4 d² attention projections, 3 d·ffn MLP); per (query,
+    key) pair, 4 d (scores and weighted values, computed for masked pairs too)."""
+    text = unwrap_model(model).config.get_text_config()
+    d = text.hidden_size
+    per_token, per_pair = 2 * (4 * d * d + 3 * d * (getattr(text, "intermediate_size", None) or 4 * d)), 4 * d
+    padded = rows * (length * per_token + length**2 * per_pair)
+    return groups * (shared_length * per_token + shared_length**2 * per_pair) < padded
+
+
+def _shared_prefix_rows(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor,
+                        group_size: int) -> tuple[dict, torch.Tensor] | None:
+    """``forward_rows``'s ``shared_prefix`` layout (see there), or None where it does not pay."""
+    n, t = mask.shape
+    if n % group_size:
+        raise ValueError(f"{n} rows are not groups of {group_size}")
+    groups, device = n // group_size, mask.device
+    ids, real = input_ids.view(groups, group_size, t), mask.view(groups, group_size, t)
+    # the group's common prefix: the longest run of leading tokens every row has, equal to its first row's
+    same = (ids == ids[:, :1]) & real & real[:, :1]
+    prefix = same.long().cumprod(-1).sum(-1).min(-1).values  # (groups,)
+    column = torch.arange(t, device=device)
+    # slots of the group's row: the first row whole, then every other row's tokens after the prefix
+    own = real & ((column >= prefix[:, None, None]) | (torch.arange(group_size, device=device)[:, None] == 0))
+    slot = own.flatten(1).cumsum(-1).view(groups, group_size, t) - 1
+    length = int(own.flatten(1).sum(-1).max())
+    if not shared_prefix_pays(model, n, t, groups, length):
+        return None
+    # a token of the prefix (column < prefix) sits in the first row's slot of its column: the column itself
+    slot = torch.where(own, slot, column.expand_as(slot))
+    index = (slot + torch.arange(groups, device=device)[:, None, None] * length).view(n, t)
+    rows = torch.arange(groups, device=device)[:, None, None].expand_as(own)[own]
+    # segments: -1 the shared prefix, j the rest of row j, -2 the pads (a segment of their own)
+    segment = torch.full((groups, length), -2, device=device)
+    row_segment = torch.where(column < prefix[:, None, None], -1, torch.arange(group_size, device=device)[:, None])
+    segment[rows, slot[own]] = row_segment[own]
+    packed_ids = input_ids.new_zeros(groups, length)
+    packed_ids[rows, slot[own]] = ids[own]
+    position_ids = torch.zeros(groups, length, dtype=torch.long, device=device)
+    position_ids[rows, slot[own]] = column.expand_as(own)[own]
+    # query q sees key k <= q of the prefix or of its own segment (pads see the prefix and pads: never an empty row)
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    visible = causal & ((segment[:, None, :] == -1) | (segment[:, None, :] == segment[:, :, None]))
+    dtype = next(unwrap_peft(model).parameters()).dtype
+    additive = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
+    return {"input_ids": packed_ids, "attention_mask": additive[:, None], "position_ids": position_ids,
+            "use_cache": False}, index
+
+
 # Largest relative difference between the packed and the padded forward that the probe accepts: rounding (fp32
 # differences are ~1e-7; 16-bit ones ~1e-2 over many layers) is far below what attention across sequences or
 # wrong positions give (order 1).
-PACKING_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
-PACKING_TOLERANCE_16BIT = 5e-2
+LAYOUT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+LAYOUT_TOLERANCE_16BIT = 5e-2
 
 
 @torch.no_grad()
-def packing_exact(model: torch.nn.Module) -> bool:
-    """Whether ``model`` computes a packed row exactly as the padded rows (probed once per model, logged).
+def layout_exact(model: torch.nn.Module, layout: str) -> bool:
+    """Whether ``model`` computes the rows of ``layout`` (``forward_rows``) exactly as padded rows (probed once
+    per model and layout, logged).
 
-    Two short sequences, padded and packed (``forward_rows``), through the model in eval mode; their last
-    hidden states must agree. Fails where the model ignores ``position_ids`` or builds its own mask (ALiBi
-    models: BLOOM, Falcon with alibi; remote code), so those fall back to padded batches.
+    A group of two sequences with a common prefix, padded and in ``layout``, through the model in eval mode;
+    their last hidden states must agree. Fails where the model ignores ``position_ids`` or builds its own mask
+    (ALiBi models: BLOOM, Falcon with alibi; remote code), so those fall back to padded batches.
     """
+    if layout == "padded":
+        return True
     base = unwrap_model(model)
-    cached = getattr(base, "_align_packing_exact", None)
-    if cached is not None:
-        return cached
+    if layout == "shared_prefix" and not custom_mask_attention(model):
+        logger.warning("shared_prefix batches: %s attends with %s%s, which takes no custom 4D mask over every past "
+                       "position; using padded batches", type(base).__name__, base.config._attn_implementation,
+                       " and a sliding window" if base.config._attn_implementation in CUSTOM_MASK_ATTENTION else "")
+        return False
+    probed = base.__dict__.setdefault("_align_layout_exact", {})
+    if layout in probed:
+        return probed[layout]
     net = unwrap_peft(model)
     vocab = base.config.get_text_config().vocab_size
     device = next(net.parameters()).device
-    rows = [[(3 + i) % vocab for i in range(5)], [(11 + 3 * i) % vocab for i in range(3)]]
+    rows = [[(3 + i) % vocab for i in range(5)], [(3 + i) % vocab for i in range(2)] + [(11 + 3 * i) % vocab for i in range(2)]]
     input_ids = pad([torch.tensor(r) for r in rows], padding_value=0).to(device)
     attention_mask = pad([torch.ones(len(r), dtype=torch.long) for r in rows], padding_value=0).to(device)
     was_training = net.training
     net.eval()
     try:
         hidden = []
-        for packed in (False, True):
-            inputs, index = forward_rows(net, input_ids, attention_mask, packed=packed)
+        for each in ("padded", layout):
+            inputs, index = forward_rows(net, input_ids, attention_mask, layout=each, group_size=2)
             out = net(**inputs, output_hidden_states=True).hidden_states[-1].float()
             hidden.append(out.flatten(0, 1)[index[attention_mask.bool()]])
         error = ((hidden[0] - hidden[1]).abs().max() / hidden[0].abs().max().clamp(min=1e-6)).item()
-        exact = error <= PACKING_TOLERANCE.get(base.dtype, PACKING_TOLERANCE_16BIT)
-    except (TypeError, ValueError, RuntimeError) as err:  # a forward that refuses position_ids or a missing mask
+        exact = error <= LAYOUT_TOLERANCE.get(base.dtype, LAYOUT_TOLERANCE_16BIT)
+    except (TypeError, ValueError, RuntimeError) as err:  # a forward that refuses position_ids or a 4D mask
         error, exact = f"{type(err).__name__}: {err}", False
     finally:
         net.train(was_training)
     if exact:
-        logger.info("padding-free batches: %s packs exactly (probe: relative difference %s)", type(base).__name__, error)
+        logger.info("%s batches: %s computes them exactly (probe: relative difference %s)", layout,
+                    type(base).__name__, error)
     else:
-        logger.warning("padding-free batches: %s does not compute packed sequences as padded ones (probe: %s); "
-                       "using padded batches", type(base).__name__, error)
-    base._align_packing_exact = exact
+        logger.warning("%s batches: %s does not compute them as padded ones (probe: %s); using padded batches",
+                       layout, type(base).__name__, error)
+    probed[layout] = exact
     return exact

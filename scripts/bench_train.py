@@ -3,7 +3,7 @@
     python scripts/bench_train.py [--shape all] [--json bench_train.json]   # both shapes, ~15 min on 2 slow cores
     python scripts/bench_train.py --shape synthetic --repeats 2 --steps 4   # more rounds, more timed steps
     python scripts/bench_train.py --sweep [--json sweep.json]     # how align's step grows (README, scaling)
-    python scripts/bench_train.py --padding-free compare [--only align_cpl align_reward]   # packed / padded
+    python scripts/bench_train.py --layout compare [--only align_cpl align_reward]   # packed, shared prefix / padded
 
 Two model shapes (``--shape``; ``all``, the default, runs both, one after the other):
 - ``synthetic``: a locally built Llama (42M parameters, weights from a config and a seed) on synthetic scored
@@ -253,7 +253,7 @@ def build_trainer(name: str, args, model_dir: str, tokenizer, rows: list[dict], 
                                   "max_prompt_length": MAX_PROMPT_LENGTH, **extra.get(kind, {}), **common,
                                   "precompute_ref_logps": name.endswith("_precomputed"),
                                   "train_sampling_strategy": args.sampling,
-                                  "padding_free": PADDING_FREE[args.padding_free]})
+                                  **LAYOUT_SETTINGS[args.layout]})
         os.environ["ALIGN_CACHE"] = workdir  # a fresh cache: the precomputation is timed, not read from disk
         start = time.perf_counter()
         trainer = api.build_trainer(config)
@@ -445,8 +445,13 @@ def cpu_seconds() -> float:
 
 
 WORKER_ARGS = ("shape", "model_dir", "steps", "warmup", "rows", "batch", "threads", "device", "dtype", "seed",
-               "completion_tokens", "k", "hidden", "layers", "sampling", "padding_free")
-PADDING_FREE = {"auto": None, "true": True, "false": False}  # --padding-free -> align's padding_free
+               "completion_tokens", "k", "hidden", "layers", "sampling", "layout")
+LAYOUT_SETTINGS = {  # --layout -> align's batch layout keys (align.hf_utils.forward_rows)
+    "auto": {"padding_free": None, "prefix_sharing": None},
+    "padded": {"padding_free": False, "prefix_sharing": False},
+    "packed": {"padding_free": True, "prefix_sharing": False},
+    "shared_prefix": {"padding_free": False, "prefix_sharing": True},
+}
 
 
 def step_flops(hidden: int, layers: int, rows: int, padded_tokens: float, completion_tokens: float) -> float:
@@ -482,25 +487,28 @@ def sweep(args) -> dict:
     return {"sweep": rows}
 
 
-def padding_compare(args, names: list[str]) -> dict:
-    """align's runs with padded and with padding-free batches (``padding_free`` false, true), each pair in the
-    same round (in reverse order every other round): the median over rounds of packed / padded tokens/s and
-    peak step tensor memory."""
+def layout_compare(args, names: list[str]) -> dict:
+    """align's runs in each batch layout (padded, packed, shared prefix), the layouts of a round in turn (in
+    reverse order every other round): the median over rounds of each layout's tokens/s and peak step tensor
+    memory over the padded batches'."""
+    layouts = ("padded", "packed", "shared_prefix")
     rows = []
     for name in names:
         rounds = []
         for r in range(args.repeats):
-            settings = ("false", "true") if r % 2 == 0 else ("true", "false")
-            rounds.append({s: measure(name, args, padding_free=s) for s in settings})
-        ratio = statistics.median(m["true"]["tokens_per_s"] / m["false"]["tokens_per_s"] for m in rounds)
-        mem = statistics.median(m["true"]["step_tensor_mb"] / m["false"]["step_tensor_mb"] for m in rounds)
-        padded, packed = (statistics.median(m[s]["tokens_per_s"] for m in rounds) for s in ("false", "true"))
-        rows.append({"name": name, "padded_tokens_per_s": padded, "packed_tokens_per_s": packed,
-                     "packed_vs_padded": ratio, "packed_vs_padded_step_mem": mem,
-                     "pad_fraction": rounds[0]["false"]["pad_fraction"], "rounds": rounds})
-        print(f"{name:21s} padded {padded:8.1f} tok/s  packed {packed:8.1f} tok/s  packed/padded {ratio:.3f}  "
-              f"step tensors {mem:.3f}  pad {rows[-1]['pad_fraction']:.2f}", flush=True)
-    return {"padding_compare": rows}
+            rounds.append({layout: measure(name, args, layout=layout) for layout in layouts[:: 1 if r % 2 == 0 else -1]})
+        row = {"name": name, "pad_fraction": rounds[0]["padded"]["pad_fraction"], "rounds": rounds}
+        for layout in layouts:
+            row[f"{layout}_tokens_per_s"] = statistics.median(m[layout]["tokens_per_s"] for m in rounds)
+            row[f"{layout}_vs_padded"] = statistics.median(m[layout]["tokens_per_s"] / m["padded"]["tokens_per_s"]
+                                                           for m in rounds)
+            row[f"{layout}_vs_padded_step_mem"] = statistics.median(
+                m[layout]["step_tensor_mb"] / m["padded"]["step_tensor_mb"] for m in rounds)
+        rows.append(row)
+        print(f"{name:21s} padded {row['padded_tokens_per_s']:8.1f} tok/s  " + "  ".join(
+            f"{layout} {row[f'{layout}_vs_padded']:.3f}x (step tensors {row[f'{layout}_vs_padded_step_mem']:.3f}x)"
+            for layout in layouts[1:]) + f"  pad {row['pad_fraction']:.2f}", flush=True)
+    return {"layout_compare": rows}
 
 
 def shape_args(args, shape: str) -> argparse.Namespace | str:
@@ -577,8 +585,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=list(RUNS), help="a subset of the runs")
     parser.add_argument("--sweep", action="store_true", help="the scaling sweep of offline CoPG instead (SWEEP)")
-    parser.add_argument("--padding-free", choices=[*PADDING_FREE, "compare"], default="auto",
-                        help="align's padding_free; compare: each align run padded and packed (padding_compare)")
+    parser.add_argument("--layout", choices=[*LAYOUT_SETTINGS, "compare"], default="auto",
+                        help="align's batch layout (padding_free, prefix_sharing); compare: each align run padded, "
+                             "packed and prompt-shared (layout_compare)")
     parser.add_argument("--sampling", choices=["group_by_length", "random"], default="group_by_length",
                         help="align's batch order (train_sampling_strategy; TRL's stays its default): random batches carry more padding")
     parser.add_argument("--json", metavar="PATH", help="also write the rows and ratios as JSON, one section per shape")
@@ -610,8 +619,8 @@ def main() -> None:
         if isinstance(settings, str):
             print(settings, flush=True)
             results[shape] = {"skipped": settings}
-        elif args.padding_free == "compare":
-            results[shape] = padding_compare(settings, [n for n in names if RUNS[n][0] == "align"])
+        elif args.layout == "compare":
+            results[shape] = layout_compare(settings, [n for n in names if RUNS[n][0] == "align"])
         else:
             results[shape] = compare(settings, names)
     results["wall_s"] = time.perf_counter() - start

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
+from align.hf_utils import CUSTOM_MASK_ATTENTION
+
 
 def degeneration_penalty(
     candidate_hidden: torch.Tensor, context_hidden: torch.Tensor, context_mask: torch.Tensor | None = None
@@ -86,10 +88,6 @@ def _accepts(module: nn.Module, argument: str) -> bool:
     return argument in inspect.signature(inner.forward).parameters
 
 
-# Attention implementations that apply a given 4D additive mask as it is (transformers' masking utilities pass it on).
-_CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
-
-
 def _takes_candidates_as_positions(model: nn.Module, cache) -> bool:
     """Whether the k candidates can run as k positions over one cache per row (``_SharedPrefixCandidates``): every
     layer keeps its full past (no sliding window), the attention takes a custom mask, and positions come from
@@ -98,7 +96,7 @@ def _takes_candidates_as_positions(model: nn.Module, cache) -> bool:
     layers = getattr(cache, "layers", None)
     config = getattr(model, "config", None)
     return (
-        getattr(config, "_attn_implementation", None) in _CUSTOM_MASK_ATTENTION
+        getattr(config, "_attn_implementation", None) in CUSTOM_MASK_ATTENTION
         and not getattr(config, "alibi", False)
         and _accepts(model, "position_ids")
         and bool(layers)

@@ -23,7 +23,8 @@ def completion_logps(
     attention_mask: torch.Tensor,
     completion_mask: torch.Tensor,
     *,
-    packed: bool = False,
+    layout: str = "padded",
+    group_size: int = 1,
 ) -> torch.Tensor:
     """Per-token log-probs (N, T-1) of the completion tokens, 0 elsewhere, in fp32.
 
@@ -32,12 +33,12 @@ def completion_logps(
     completion token reach the head: a hook keeps just those hidden states, as one row scored with
     pre-shifted labels. (TRL's head compacts them itself on Triton devices only; on a CPU it would
     also project every prompt and pad position: ~1.7x the head's time and memory here.)
-    Rows are right-padded ``prompt + completion`` (``completion_mask`` 1 on completion tokens); with
-    ``packed`` the forward runs on their tokens alone, concatenated (``align.hf_utils.forward_rows``),
-    and gives the same log-probs.
+    Rows are right-padded ``prompt + completion`` (``completion_mask`` 1 on completion tokens), in groups of
+    ``group_size`` rows of one prompt; ``layout`` (``align.hf_utils.forward_rows``: padded, packed or
+    shared_prefix) changes how they run, not the log-probs.
     """
     scored = completion_mask[:, 1:].bool()  # position t predicts token t + 1
-    inputs, index = forward_rows(model, input_ids, attention_mask, packed=packed)
+    inputs, index = forward_rows(model, input_ids, attention_mask, layout=layout, group_size=group_size)
     positions = index[:, :-1][scored]
 
     def keep_scored(module, args, output):
@@ -70,11 +71,12 @@ def _backbone(model: torch.nn.Module) -> torch.nn.Module:
     return unwrap_model(model).base_model
 
 
-def reference_completion_logps(model: torch.nn.Module, *, packed: bool = False, **batch: torch.Tensor) -> torch.Tensor:
+def reference_completion_logps(model: torch.nn.Module, *, layout: str = "padded", group_size: int = 1,
+                               **batch: torch.Tensor) -> torch.Tensor:
     """Per-token log-probs under the reference policy (``align.models.reference``): the same model with its
     adapter disabled, or with a frozen adapter snapshot swapped in."""
     with torch.no_grad(), reference_policy(model):
-        return completion_logps(model, **batch, packed=packed)
+        return completion_logps(model, **batch, layout=layout, group_size=group_size)
 
 
 def sequence_logps(token_logps: torch.Tensor, completion_mask: torch.Tensor, *, length_normalize: bool = False):

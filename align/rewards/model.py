@@ -52,11 +52,12 @@ def load_reward_backbone(name_or_path: str, *, pad_token_id: int, dtype: str = "
 
 
 def reward_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                   features: bool = False, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   features: bool = False, layout: str = "padded", group_size: int = 1
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rewards (N,) of right-padded rows, and with ``features`` the hidden states (N, D) that feed the
     head at the same positions (the representations of the contrastive loss, Wang et al. 2024 §3.1).
-    With ``packed`` the rows' tokens run as one padding-free row (``align.hf_utils.forward_rows``), each
-    reward read at the last token of its sequence: the same rewards.
+    ``layout`` (``align.hf_utils.forward_rows``: padded, packed or shared_prefix over groups of ``group_size``
+    rows) changes how the rows run, not their rewards: each is read at the last token of its sequence.
 
     The head's input and output are read with a forward hook: HF pools at the last token that is not
     the pad id, which is wrong when pad == EOS (the completion's EOS would be skipped).
@@ -67,7 +68,7 @@ def reward_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     def keep(module, args, output):
         seen["hidden"], seen["scores"] = args[0], output
 
-    inputs, index = forward_rows(model, input_ids, attention_mask, packed=packed)
+    inputs, index = forward_rows(model, input_ids, attention_mask, layout=layout, group_size=group_size)
     handle = head.register_forward_hook(keep)
     try:
         model(**inputs)

@@ -27,7 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from align import checkpoints
 from align.data import ExampleDataset, GroupCollator, LengthGroupedSampler, padded_length
 from align.errors import ConfigError, NonFiniteError, Preempted
-from align.hf_utils import packing_exact, varlen_attention
+from align.hf_utils import custom_mask_attention, layout_exact, varlen_attention
 from align.models import REFERENCE_FILE, base_weights_modified, freeze_reference, completion_logps, disable_dropout, load_policy, reference_snapshot, reference_completion_logps, sequence_logps
 from align.rewards import RewardFunction
 from align.sampling import Sampler, SamplingParams, derive_seed
@@ -118,7 +118,7 @@ class AlignTrainer(Trainer):
         self.add_callback(self.preemption)
         self.nonfinite_steps = 0
         self.nonfinite_loss = False  # set by compute_loss, read by NonFiniteGuard before the optimizer step
-        self._packed: bool | None = None  # padding-free batches, decided at the first forward (see packed)
+        self._layout: str | None = None  # how batches run (forward_rows), decided at the first forward (see layout)
         self._staging: str | None = None  # where the checkpoint being saved is written (see _save_checkpoint)
         self._length_sampler: LengthGroupedSampler | None = None  # the training order (group_by_length)
         self._resume_epoch_seed: int | None = None  # its seed for the epoch a resumed run continues
@@ -157,16 +157,19 @@ class AlignTrainer(Trainer):
         return torch.utils.data.SequentialSampler(eval_dataset)
 
     # --- the loss -----------------------------------------------------------------------------------
-    def packed(self, model) -> bool:
-        """Whether batches run padding-free (``padding_free``, where ``model`` computes them exactly)."""
-        if self._packed is None:
-            wanted = self.args.padding_free
-            if wanted is None:  # auto: packed where attention costs what each sequence alone would (README)
-                wanted = varlen_attention(model)
-                logger.info("padding_free auto: %s batches (%s attention)", "packed" if wanted else "padded",
-                            "varlen flash" if wanted else "no varlen flash")
-            self._packed = wanted and packing_exact(model)
-        return self._packed
+    def layout(self, model) -> str:
+        """How batches run (``align.hf_utils.forward_rows``): ``packed`` (``padding_free``), ``shared_prefix``
+        (``prefix_sharing``) or ``padded``, each only where ``model`` computes it exactly. Auto (null): packed
+        with varlen flash attention; else prompts shared with attention that takes a 4D mask (README)."""
+        if self._layout is None:
+            a = self.args
+            packed = varlen_attention(model) if a.padding_free is None else a.padding_free
+            shared = (not packed and custom_mask_attention(model)) if a.prefix_sharing is None else a.prefix_sharing
+            wanted = [layout for layout, on in (("packed", packed), ("shared_prefix", shared)) if on]
+            self._layout = next((layout for layout in wanted if layout_exact(model, layout)), "padded")
+            logger.info("batches: %s (padding_free=%s, prefix_sharing=%s)", self._layout, a.padding_free,
+                        a.prefix_sharing)
+        return self._layout
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """Per-prompt losses (B,) and a dict of scalar metrics for one batch."""
@@ -436,7 +439,8 @@ class PolicyTrainer(AlignTrainer):
             with self.accelerator.main_process_first():
                 logps = cached_reference_logps(self.model, dataset, self.processing_class.pad_token_id,
                                                batch_size=self.args.per_device_eval_batch_size,
-                                               length_normalize=self.args.length_normalize)
+                                               length_normalize=self.args.length_normalize,
+                                               layout=self.layout(self.model))
         finally:
             self.model.train(was_training)
         examples = [{**dataset[i], "ref_logps": row} for i, row in enumerate(logps.tolist())]
@@ -455,14 +459,15 @@ class PolicyTrainer(AlignTrainer):
             ref_logps = batch.get("ref_logps")
             if ref_logps is None:
                 ref_token = reference_completion_logps(self.accelerator.unwrap_model(model), **forward,
-                                                       packed=self.packed(model))
+                                                       layout=self.layout(model), group_size=k)
                 ref_logps = sequence_logps(ref_token, batch["completion_mask"],
                                            length_normalize=self.args.length_normalize).view(-1, k)
                 if self.token_reference:
                     batch["ref_token_logps"] = ref_token
         # the policy forward after the reference's: a frozen reference adapter is swapped in and out of the
         # weights, which must not change while the policy's graph is alive
-        logps = LogProbs(completion_logps(model, **forward, packed=self.packed(model)), batch["completion_mask"], k, self.args.length_normalize)
+        token_logps = completion_logps(model, **forward, layout=self.layout(model), group_size=k)
+        logps = LogProbs(token_logps, batch["completion_mask"], k, self.args.length_normalize)
         return self.objective(logps, ref_logps, batch)
 
     def log_ratio_metrics(self, logps: LogProbs, ref_logps: torch.Tensor) -> dict:

@@ -57,8 +57,9 @@ def fingerprint(model: torch.nn.Module, dataset, length_normalize: bool) -> str:
 
 @torch.no_grad()
 def compute_reference_logps(model: torch.nn.Module, dataset, pad_token_id: int, *, batch_size: int,
-                            length_normalize: bool) -> torch.Tensor:
-    """(N, K) reference sequence log-probs of every example's completions, in batches of similar lengths."""
+                            length_normalize: bool, layout: str = "padded") -> torch.Tensor:
+    """(N, K) reference sequence log-probs of every example's completions, in batches of similar lengths run in
+    ``layout`` (``align.hf_utils.forward_rows``)."""
     collate = GroupCollator(pad_token_id)
     order = sorted(range(len(dataset)), key=lambda i: padded_length(dataset[i]))
     device = next(model.parameters()).device
@@ -67,7 +68,7 @@ def compute_reference_logps(model: torch.nn.Module, dataset, pad_token_id: int, 
         index = order[start : start + batch_size]
         batch = collate([dataset[i] for i in index])
         forward = {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "completion_mask")}
-        token = reference_completion_logps(model, **forward)
+        token = reference_completion_logps(model, **forward, layout=layout, group_size=batch["group_size"])
         seq = sequence_logps(token, forward["completion_mask"], length_normalize=length_normalize)
         seq = seq.view(len(index), batch["group_size"]).float().cpu()
         if out is None:
@@ -77,7 +78,7 @@ def compute_reference_logps(model: torch.nn.Module, dataset, pad_token_id: int, 
 
 
 def cached_reference_logps(model: torch.nn.Module, dataset, pad_token_id: int, *, batch_size: int,
-                           length_normalize: bool) -> torch.Tensor:
+                           length_normalize: bool, layout: str = "padded") -> torch.Tensor:
     """``compute_reference_logps`` through the on-disk cache (written atomically: a crash leaves no partial
     file). Under several processes, call it inside ``accelerator.main_process_first()``: rank 0 computes
     and writes, the others then read."""
@@ -88,7 +89,7 @@ def cached_reference_logps(model: torch.nn.Module, dataset, pad_token_id: int, *
             logger.info("reference log-probs read from %s", path)
             return logps
     logps = compute_reference_logps(model, dataset, pad_token_id, batch_size=batch_size,
-                                    length_normalize=length_normalize)
+                                    length_normalize=length_normalize, layout=layout)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     save_file({"ref_logps": logps.contiguous()}, tmp)

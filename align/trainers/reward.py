@@ -17,8 +17,9 @@ the paper is silent, align chooses (and says so at the option):
 * contrastive views (§3.1): the paper's augmentation is dropout 0.05, the same input passed twice.
   Decoder LLMs mostly have no dropout and a fresh LoRA adapter is zero (LoRA dropout changes nothing at
   step 0), so the views come from dropout p = ``contrastive_dropout`` on the token embeddings, over the
-  batch repeated twice in one forward. The features are the last-token hidden states that feed the
-  head. The Bradley-Terry loss is averaged over the two views (L_rm "on all original samples and their
+  batch repeated twice in one forward, as padded rows (a prompt shared by a pair's responses,
+  ``prefix_sharing``, would share its dropout too). The features are the last-token hidden states that
+  feed the head. The Bradley-Terry loss is averaged over the two views (L_rm "on all original samples and their
   augmentations"); SimCSE's τ is not given (default 0.05), β = 1 (App. B.2).
 * MetaRM (§3.2, Alg. 1): η, α, m and k are not given (the paper's RM learning rate is 5e-6). The outer
   step α is the optimizer's ``learning_rate``. Alg. 1 writes both steps as SGD; align's outer step is
@@ -260,9 +261,12 @@ class RewardTrainer(AlignTrainer):
                              f"{inputs.get('group_size', 0)} completions")
         contrast = self.args.contrastive != "none" and model.training
         n_views = 2 if contrast else 1  # both dropout views in one forward (DDP allows one per backward)
+        layout = self.layout(model)
+        if contrast and layout == "shared_prefix":  # each response's own dropout on its prompt, as in the paper
+            layout = "padded"
         rewards, features = reward_forward(model, inputs["input_ids"].repeat(n_views, 1),
                                            inputs["attention_mask"].repeat(n_views, 1), features=contrast,
-                                           packed=self.packed(model))
+                                           layout=layout, group_size=2)
         rewards = rewards.view(n_views, -1, 2)
         losses = torch.stack([self.bt_losses(r[:, 0], r[:, 1], inputs) for r in rewards]).mean(0)
         metrics = reward_metrics(rewards[0], inputs, self.strength_edges)
@@ -302,7 +306,8 @@ class RewardTrainer(AlignTrainer):
         model.train()
         with self.compute_loss_context_manager():
             rewards, _ = reward_forward(self.accelerator.unwrap_model(model), batch["input_ids"].to(self.args.device),
-                                        batch["attention_mask"].to(self.args.device), packed=self.packed(model))
+                                        batch["attention_mask"].to(self.args.device), layout=self.layout(model),
+                                        group_size=batch["group_size"])
         difference = metarm_difference(rewards.view(-1, batch["group_size"])).mean()
         grads = [(p, g) for p, g in zip(params, torch.autograd.grad(difference, params, allow_unused=True))
                  if g is not None]
