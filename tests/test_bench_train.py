@@ -38,3 +38,23 @@ def test_bench_train_writes_rows_and_ratios(tmp_path):
     assert rounds[0]["trl_dpo"]["step_tensor_mb"] == rounds[1]["trl_dpo"]["step_tensor_mb"]
     assert "cpl_vs_trl_dpo" in proc.stdout and "align_cpl" in proc.stdout  # the printed table
     assert "total wall time" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_train_layout_compare(tmp_path):
+    """``--layout compare``: each align run padded, packed and prompt-shared in the same round, with ratios over
+    the padded batches' tokens/s and step tensor memory."""
+    out = tmp_path / "layouts.json"
+    toy = ["--hidden", "64", "--layers", "1", "--rows", "32", "--batch", "2", "--steps", "2", "--threads", "1",
+           "--completion-tokens", "16", "--device", "cpu"]
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--shape", "synthetic", "--only", "align_reward",
+                           "--layout", "compare", *toy, "--json", str(out)], check=False, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = json.loads(out.read_text())["synthetic"]["layout_compare"]
+    assert row["name"] == "align_reward" and set(row["rounds"][0]) == {"padded", "packed", "shared_prefix"}
+    assert row["padded_vs_padded"] == 1.0
+    for layout in ("packed", "shared_prefix"):
+        assert row[f"{layout}_vs_padded"] > 0 and row[f"{layout}_vs_padded_step_mem"] > 0
+    # a shared prompt is computed once per pair: fewer activations held for the backward than padded rows
+    assert row["shared_prefix_vs_padded_step_mem"] < 1
