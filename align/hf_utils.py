@@ -219,7 +219,8 @@ def layout_exact(model: torch.nn.Module, layout: str) -> bool:
     net = unwrap_peft(model)
     vocab = base.config.get_text_config().vocab_size
     device = next(net.parameters()).device
-    rows = [[(3 + i) % vocab for i in range(5)], [(3 + i) % vocab for i in range(2)] + [(11 + 3 * i) % vocab for i in range(2)]]
+    # two sequences sharing their first two tokens: one group for shared_prefix, two sequences for packed
+    rows = [[(3 + i) % vocab for i in range(5)], [3 % vocab, 4 % vocab, 11 % vocab, 14 % vocab]]
     input_ids = pad([torch.tensor(r) for r in rows], padding_value=0).to(device)
     attention_mask = pad([torch.ones(len(r), dtype=torch.long) for r in rows], padding_value=0).to(device)
     was_training = net.training

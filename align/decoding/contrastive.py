@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from align.hf_utils import CUSTOM_MASK_ATTENTION
+from align.hf_utils import custom_mask_attention
 
 
 def degeneration_penalty(
@@ -94,10 +94,8 @@ def _takes_candidates_as_positions(model: nn.Module, cache) -> bool:
     ``position_ids`` alone. ALiBi models do not qualify: they derive positions from the 2D mask (Bloom, Falcon with
     ``alibi``) or from the key index (MPT), so they would see the k candidates at k different positions."""
     layers = getattr(cache, "layers", None)
-    config = getattr(model, "config", None)
     return (
-        getattr(config, "_attn_implementation", None) in CUSTOM_MASK_ATTENTION
-        and not getattr(config, "alibi", False)
+        custom_mask_attention(model)
         and _accepts(model, "position_ids")
         and bool(layers)
         and all(type(layer) is DynamicLayer for layer in layers)
